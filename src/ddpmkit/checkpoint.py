@@ -1,0 +1,280 @@
+"""Checkpoints: one safetensors file per checkpoint, written atomically, loaded without pickle.
+
+A checkpoint file holds every tensor of a training run (``model.*``, ``ema.*``,
+``optim.<param>.<name>``, ``rng.<device>``) and, as safetensors string metadata, the resolved
+config, the training position (step, epoch, batch within the epoch, best validation loss)
+and the package version. safetensors never unpickles, so a crafted file cannot run code.
+
+Layout of a run directory::
+
+    RUN/config.json              resolved TrainConfig
+    RUN/metrics.jsonl            one JSON object per line
+    RUN/checkpoints/step-000001000.safetensors   the last ``keep_checkpoints``
+    RUN/checkpoints/best.safetensors             lowest validation loss so far
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .config import TrainConfig, config_from_dict
+from .errors import CheckpointError
+from .schedules import NoiseSchedule, make_schedule
+from .unet import UNet, UNetConfig
+
+FORMAT = "ddpmkit-checkpoint-1"
+_STEP_FILE = re.compile(r"^step-(\d{9})\.safetensors$")
+
+
+@dataclass
+class Checkpoint:
+    model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None
+    rng_states: dict[str, torch.Tensor]  # torch's global generator states: "cpu", "cuda"
+    config: dict[str, Any]
+    state: dict[str, Any]  # step, epoch, batch_in_epoch, best_val_loss, ...
+    version: str
+    path: Path
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    return checkpoint_dir(run_dir) / f"step-{step:09d}.safetensors"
+
+
+def best_checkpoint_path(run_dir: str | Path) -> Path:
+    return checkpoint_dir(run_dir) / "best.safetensors"
+
+
+def step_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The step checkpoints of a run, oldest first."""
+    directory = checkpoint_dir(run_dir)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if _STEP_FILE.match(p.name))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = step_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str | Path, *, which: str = "latest") -> Path:
+    """A checkpoint file given itself or its run directory ("latest" or "best" in it)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is neither a checkpoint file nor a run directory")
+    found = best_checkpoint_path(path) if which == "best" else latest_checkpoint(path)
+    if found is None or not found.is_file():
+        raise CheckpointError(f"run directory {path} holds no checkpoint yet (looked in {checkpoint_dir(path)})")
+    return found
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model: dict[str, torch.Tensor],
+    ema: dict[str, torch.Tensor],
+    optimizer: dict[str, Any] | None,
+    rng_states: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    state: dict[str, Any],
+) -> Path:
+    """Write a checkpoint atomically: temporary file, fsync, rename, fsync of the folder.
+
+    A crash at any moment leaves either the old file or the complete new one.
+    """
+    tensors = {f"model.{k}": v for k, v in model.items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.items()})
+    metadata = {
+        "format": FORMAT,
+        "ddpmkit_version": __version__,
+        "config": json.dumps(config),
+        "state": json.dumps(state),
+    }
+    if optimizer is not None:
+        optimizer_tensors, optimizer_meta = _flatten_optimizer(optimizer)
+        tensors.update(optimizer_tensors)
+        metadata["optimizer"] = json.dumps(optimizer_meta)
+    tensors.update({f"rng.{k}": v for k, v in rng_states.items()})
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return _write_atomically(Path(path), lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
+
+
+def copy_checkpoint(source: str | Path, destination: str | Path) -> Path:
+    """Copy a checkpoint file with the same atomicity as save_checkpoint."""
+    return _write_atomically(Path(destination), lambda temporary: shutil.copyfile(source, temporary))
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    try:
+        tensors = load_file(str(path))
+        with open(path, "rb") as handle:
+            metadata = _read_metadata(handle)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable ddpmkit checkpoint ({exc})") from None
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a safetensors file but not a ddpmkit checkpoint (format {metadata.get('format')!r})")
+    try:
+        config = json.loads(metadata["config"])
+        state = json.loads(metadata["state"])
+        optimizer_meta = json.loads(metadata["optimizer"]) if "optimizer" in metadata else None
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} has damaged metadata ({exc})") from None
+    groups: dict[str, dict[str, torch.Tensor]] = {"model": {}, "ema": {}, "optim": {}, "rng": {}}
+    for key, value in tensors.items():
+        prefix, _, rest = key.partition(".")
+        if prefix in groups:
+            groups[prefix][rest] = value
+    optimizer = _unflatten_optimizer(groups["optim"], optimizer_meta) if optimizer_meta else None
+    return Checkpoint(
+        model=groups["model"],
+        ema=groups["ema"],
+        optimizer=optimizer,
+        rng_states=groups["rng"],
+        config=config,
+        state=state,
+        version=metadata.get("ddpmkit_version", "unknown"),
+        path=path,
+    )
+
+
+def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], *, source: str) -> None:
+    """load_state_dict, but a mismatch names the keys and shapes that differ."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    reshaped = [
+        f"{k} {tuple(weights[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(weights))
+        if weights[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or reshaped:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", reshaped)):
+            if items:
+                shown = ", ".join(items[:4]) + (f" (+{len(items) - 4} more)" if len(items) > 4 else "")
+                parts.append(f"{label}: {shown}")
+        raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts))
+    module.load_state_dict(weights)
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
+    for old in step_checkpoints(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+def _write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
+    """write(temporary), fsync, rename over path, fsync the folder: all or nothing."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(temporary)
+        _fsync_path(temporary)
+        os.replace(temporary, path)
+        _fsync_path(path.parent)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write checkpoint {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def _fsync_path(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _read_metadata(handle: Any) -> dict[str, str]:
+    # safetensors' header: 8-byte little-endian length, then a JSON object whose
+    # "__metadata__" entry holds the string metadata (load_file does not return it).
+    length = int.from_bytes(handle.read(8), "little")
+    header = json.loads(handle.read(length))
+    return header.get("__metadata__", {})
+
+
+def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split a torch optimizer state_dict into tensors and JSON (no pickle needed)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for param_id, param_state in state_dict["state"].items():
+        for name, value in param_state.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{param_id}.{name}"] = value
+            else:
+                scalars.setdefault(str(param_id), {})[name] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        param_id, _, name = key.partition(".")
+        state.setdefault(int(param_id), {})[name] = value
+    for param_id, values in meta.get("scalars", {}).items():
+        state.setdefault(int(param_id), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+@dataclass
+class TrainedModel:
+    """A model loaded for sampling or evaluation, with what is needed to describe it."""
+
+    model: torch.nn.Module
+    schedule: NoiseSchedule
+    config: TrainConfig
+    image_shape: tuple[int, int, int]
+    path: Path
+    step: int
+    ema: bool
+
+
+def load_trained_model(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> TrainedModel:
+    """The UNet of a checkpoint (file, or a run directory's latest), in eval mode.
+
+    ``ema`` picks the EMA weights (what one samples from) or the raw trained weights.
+    """
+    checkpoint = load_checkpoint(resolve_checkpoint(path))
+    try:
+        config = config_from_dict(checkpoint.config, source=str(checkpoint.path))
+        model_config = UNetConfig(**checkpoint.state["model_config"])
+        image_size = int(checkpoint.state["image_size"])
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"{checkpoint.path} lacks its model description ({exc})") from None
+    model = UNet.from_config(model_config)
+    load_weights(model, checkpoint.ema if ema else checkpoint.model, source=f"{checkpoint.path} ({'EMA' if ema else 'raw'} weights)")
+    model.to(device).eval().requires_grad_(False)
+    return TrainedModel(
+        model=model,
+        schedule=make_schedule(config.schedule, config.num_steps),
+        config=config,
+        image_shape=(model_config.in_channels, image_size, image_size),
+        path=checkpoint.path,
+        step=int(checkpoint.state["step"]),
+        ema=ema,
+    )

@@ -1,0 +1,185 @@
+"""The training configuration: one flat dataclass, TOML files, command-line overrides.
+
+Precedence, lowest to highest: the dataclass defaults, a ``--config FILE`` (TOML), then
+flags given on the command line. The resolved config is printed at start-up, stored as
+``config.json`` in the run directory and inside every checkpoint.
+
+Every field is validated when the dataclass is built, so a bad value is reported
+before any data is read or any model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import types
+import typing
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from .errors import ConfigError
+from .samplers import SamplerName
+from .schedules import ScheduleName
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+Precision = Literal["fp32", "bf16", "fp16"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs. Defaults are the poster's MNIST setting."""
+
+    # data
+    dataset: str = "mnist"
+    data_dir: str | None = None  # default: $DDPMKIT_DATA or ~/.cache/ddpmkit/data
+    image_size: int | None = None  # folder: datasets only (standard ones fix it)
+    channels: int | None = None  # folder: datasets only; 1 = grayscale, 3 = RGB
+    # diffusion (Ho et al. 2020: T = 1000, linear betas 1e-4..0.02)
+    schedule: ScheduleName = "linear"
+    num_steps: int = 1000
+    # model (the poster's UNet: 3 levels 64/128/128, 2 ResBlocks per level)
+    base_channels: int = 64
+    channel_mults: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attention_levels: tuple[int, ...] = ()
+    dropout: float = 0.0
+    conditional: bool = False  # label embedding, for classifier-free guidance
+    label_dropout: float = 0.1  # p of replacing the label by "no label" (Ho & Salimans)
+    # optimisation (Algorithm 1: Adam, lr 1e-4, MSE on the noise)
+    epochs: int = 30
+    max_steps: int | None = None  # stop early after this many optimizer steps
+    batch_size: int = 128  # global batch: per process x processes x grad_accum
+    grad_accum: int = 1
+    lr: float = 1e-4
+    grad_clip: float = 1.0  # gradient-norm clip, 0 = off; Ho et al.'s released code uses 1
+    ema_decay: float = 0.9999
+    precision: Precision = "fp32"
+    # run
+    seed: int = 0
+    device: Device = "auto"
+    log_every: int = 50  # steps between metrics.jsonl lines
+    checkpoint_every: int = 500  # steps; a checkpoint is also written at each epoch end
+    keep_checkpoints: int = 3  # the last K, plus the best by validation loss
+    sample_every_epoch: int = 64  # images in the per-epoch grid; 0 = none
+    preview_sampler: SamplerName = "ddim"  # cheap settings for per-epoch grids and FID
+    preview_steps: int = 50
+    fid_batches: int = 5  # the poster: FID on 5 validation minibatches per epoch; 0 = off
+
+    def __post_init__(self) -> None:
+        for name, annotation in typing.get_type_hints(TrainConfig).items():
+            object.__setattr__(self, name, _check_type(name, annotation, getattr(self, name)))
+        _require(self.num_steps >= 1, "num_steps must be >= 1")
+        _require(self.base_channels >= 1, "base_channels must be >= 1")
+        _require(len(self.channel_mults) >= 1 and min(self.channel_mults) >= 1, "channel_mults must be a non-empty list of integers >= 1")
+        _require(self.num_res_blocks >= 1, "num_res_blocks must be >= 1")
+        levels = len(self.channel_mults)
+        bad = [a for a in self.attention_levels if not 0 <= a < levels]
+        _require(not bad, f"attention level(s) {bad} out of range: the model has levels 0..{levels - 1}")
+        _require(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
+        _require(0.0 <= self.label_dropout < 1.0, "label_dropout must be in [0, 1)")
+        _require(self.epochs >= 1, "epochs must be >= 1")
+        _require(self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1")
+        _require(self.batch_size >= 1, "batch_size must be >= 1")
+        _require(self.grad_accum >= 1, "grad_accum must be >= 1")
+        _require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _require(self.grad_clip >= 0, "grad_clip must be >= 0 (0 turns clipping off)")
+        _require(0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)")
+        _require(self.log_every >= 1 and self.checkpoint_every >= 1, "log_every and checkpoint_every must be >= 1")
+        _require(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+        _require(self.sample_every_epoch >= 0 and self.fid_batches >= 0, "sample_every_epoch and fid_batches must be >= 0")
+        _require(1 <= self.preview_steps <= self.num_steps, f"preview_steps must be in [1, num_steps={self.num_steps}]")
+        _require(self.image_size is None or self.image_size >= 1, "image_size must be >= 1")
+        _require(self.channels in (None, 1, 3), "channels must be 1 (grayscale) or 3 (RGB)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def field_names() -> tuple[str, ...]:
+    return tuple(f.name for f in fields(TrainConfig))
+
+
+def config_from_dict(values: dict[str, Any], *, source: str = "config") -> TrainConfig:
+    """Build a TrainConfig, naming the valid keys when an unknown one is given."""
+    valid = field_names()
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
+    return TrainConfig(**values)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file into a flat dict (checked later by config_from_dict)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def resolve_config(config_file: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
+    """Defaults < TOML file < command-line overrides (entries whose value is None are unset)."""
+    values: dict[str, Any] = load_toml(config_file) if config_file else {}
+    source = str(config_file) if config_file else "options"
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    return config_from_dict(values, source=source)
+
+
+# --- type checking of values from TOML / JSON / the command line ----------------------
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _check_type(name: str, annotation: Any, value: Any) -> Any:
+    """Return value converted to the field's type (lists become tuples) or raise ConfigError."""
+    origin = get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [option for option in options if option is not type(None)]
+        return _check_type(name, inner, value)
+    if origin is Literal:
+        if value not in get_args(annotation):
+            choices = ", ".join(repr(choice) for choice in get_args(annotation))
+            raise ConfigError(f"{name} must be one of {choices}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list of integers, got {value!r}")
+        return tuple(_check_type(name, int, item) for item in value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"no checker for the type of field {name}: {annotation!r}")  # a bug

@@ -1,0 +1,421 @@
+"""Training: Algorithm 1 of Ho et al. 2020 on Accelerate, resumable and process-count independent.
+
+Each optimizer step draws, for the *global* batch, the data indices, timesteps, noise
+and label-dropout mask from generators seeded by (seed, epoch) and (seed, step); each
+process takes its slice. The result therefore does not depend on how many processes
+share the batch (up to float reduction order), and resuming from a checkpoint at step
+k continues with exactly the draws an uninterrupted run would have made.
+
+Only the main process writes files and shows a progress bar; the other processes wait
+at barriers. The learning rate is never rescaled with the number of processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoint import (
+    best_checkpoint_path,
+    copy_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    load_weights,
+    prune_checkpoints,
+    save_checkpoint,
+    step_checkpoint_path,
+)
+from .config import TrainConfig, config_from_dict
+from .data import ImageDataset, dataset_info, load_dataset, to_model_range
+from .errors import CheckpointError, ConfigError, TrainingError
+from .figures import save_image_grid
+from .samplers import sample, seeded_generator
+from .schedules import NoiseSchedule, make_schedule
+from .unet import UNet, UNetConfig
+
+# Changing only these keys is allowed when resuming a run; everything else would make
+# the resumed run a different experiment.
+RESUMABLE_KEYS = frozenset(
+    {"epochs", "max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "device", "sample_every_epoch", "fid_batches"}
+)
+_PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+# Distinct streams for the seeded generators (an arbitrary fixed tag per purpose).
+_STREAM_EPOCH_ORDER, _STREAM_STEP, _STREAM_VALIDATION, _STREAM_PREVIEW = 1, 2, 3, 4
+
+
+@dataclass
+class TrainSummary:
+    run_dir: Path
+    step: int
+    epoch: int
+    interrupted: bool
+    last_checkpoint: Path | None
+    val_loss: float | None
+
+
+def model_config_for(config: TrainConfig, channels: int, num_classes: int) -> UNetConfig:
+    """The UNet's constructor arguments implied by a training config and its dataset."""
+    return UNetConfig(
+        in_channels=channels,
+        base_channels=config.base_channels,
+        channel_mults=config.channel_mults,
+        num_res_blocks=config.num_res_blocks,
+        attention_levels=config.attention_levels,
+        num_classes=num_classes if config.conditional else None,
+        dropout=config.dropout,
+    )
+
+
+def resolve_resume_config(run_dir: Path, changes: dict[str, Any]) -> TrainConfig:
+    """The stored config of run_dir with the allowed changes applied."""
+    stored = read_run_config(run_dir)
+    forbidden = sorted(k for k, v in changes.items() if k not in RESUMABLE_KEYS and getattr(stored, k, v) != v)
+    if forbidden:
+        raise ConfigError(
+            f"cannot change {', '.join(forbidden)} when resuming {run_dir}; "
+            f"only {', '.join(sorted(RESUMABLE_KEYS))} may change"
+        )
+    return stored.replace(**changes)
+
+
+def read_run_config(run_dir: Path) -> TrainConfig:
+    path = Path(run_dir) / "config.json"
+    try:
+        return config_from_dict(json.loads(path.read_text()), source=str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{run_dir} is not a ddpmkit run directory (no config.json)") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is damaged: {exc}") from None
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Refuse to overwrite an existing run, or to resume one that is not there."""
+    exists = run_dir.exists() and any(run_dir.iterdir())
+    if exists and not resume:
+        raise ConfigError(f"{run_dir} already exists and is not empty; pass --resume to continue it, or choose another --out")
+    if resume and latest_checkpoint(run_dir) is None:
+        raise CheckpointError(f"nothing to resume: {run_dir} has no checkpoint")
+
+
+def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> TrainSummary:
+    """Train a noise-prediction UNet (Algorithm 1) and write a run directory.
+
+    Everything that can be checked is checked before data is loaded or a model built.
+    """
+    from accelerate import Accelerator  # heavy import, only where training happens
+
+    run_dir = Path(run_dir)
+    check_run_dir(run_dir, resume)
+    info = dataset_info(config.dataset, data_dir=config.data_dir, image_size=config.image_size, channels=config.channels)
+    model_config = model_config_for(config, info.channels, info.num_classes)
+    UNet.check_input_size(model_config, info.image_size, info.channels)
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but torch sees no CUDA device")
+    accelerator = Accelerator(
+        cpu=config.device == "cpu" or not torch.cuda.is_available(),
+        mixed_precision=_PRECISION_TO_ACCELERATE[config.precision],
+    )
+    world = accelerator.num_processes
+    if config.batch_size % (world * config.grad_accum):
+        raise ConfigError(
+            f"batch_size {config.batch_size} is not divisible by processes x grad_accum = {world} x {config.grad_accum}"
+        )
+    micro_batch = config.batch_size // (world * config.grad_accum)
+    main = accelerator.is_main_process
+    schedule = make_schedule(config.schedule, config.num_steps)
+
+    data_kwargs = dict(data_dir=config.data_dir, image_size=config.image_size, channels=config.channels, seed=config.seed)
+    train_set = load_dataset(config.dataset, "train", **data_kwargs)
+    val_set = load_dataset(config.dataset, "val", **data_kwargs)
+    batches_per_epoch = len(train_set) // config.batch_size
+    if batches_per_epoch == 0:
+        raise ConfigError(f"the {config.dataset} train split has {len(train_set)} images, fewer than one batch of {config.batch_size}")
+
+    torch.manual_seed(config.seed)  # identical initial weights on every process
+    model = UNet.from_config(model_config)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    position = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_loss": None, "skipped_steps": 0}
+    if resume:
+        checkpoint = load_checkpoint(latest_checkpoint(run_dir))
+        load_weights(model, checkpoint.model, source=str(checkpoint.path))
+        load_weights(ema, checkpoint.ema, source=f"{checkpoint.path} (EMA)")
+        optimizer.load_state_dict(checkpoint.optimizer)
+        torch.set_rng_state(checkpoint.rng_states["cpu"])
+        if "cuda" in checkpoint.rng_states and torch.cuda.is_available():
+            torch.cuda.set_rng_state(checkpoint.rng_states["cuda"])
+        position.update({k: checkpoint.state[k] for k in position})
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema.to(accelerator.device)
+    train_images = train_set.images.to(accelerator.device)
+    train_labels = train_set.labels.to(accelerator.device)
+
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(config.to_json())
+        _truncate_metrics(run_dir / "metrics.jsonl", position["step"])
+        print(f"ddpmkit: training config\n{config.to_json()}")
+        print(
+            f"ddpmkit: {len(train_set)} train / {len(val_set)} val images, {world} process(es) x "
+            f"{micro_batch} images x {config.grad_accum} accumulation = global batch {config.batch_size}; "
+            f"lr {config.lr} (not rescaled); {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
+            f"device {accelerator.device}, precision {config.precision}"
+        )
+
+    def write_checkpoint(path: Path) -> None:
+        if main:
+            save_checkpoint(
+                path,
+                model=accelerator.unwrap_model(model).state_dict(),
+                ema=ema.state_dict(),
+                optimizer=optimizer.state_dict(),
+                rng_states=_rng_states(),
+                config=config.to_dict(),
+                state={**position, "model_config": asdict(model_config), "image_size": info.image_size},
+            )
+        accelerator.wait_for_everyone()
+
+    stop = _StopFlag()
+    total_steps = config.epochs * batches_per_epoch
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    bar = tqdm(total=total_steps, initial=position["step"], disable=not (main and progress), unit="step", dynamic_ncols=True)
+    window_loss, window_steps, window_images, window_start = torch.zeros((), device=accelerator.device), 0, 0, time.perf_counter()
+    last_checkpoint = latest_checkpoint(run_dir) if resume else None
+    val_loss = None
+    with stop.installed():
+        while position["step"] < total_steps and not stop.requested:
+            epoch = position["epoch"]
+            order = torch.randperm(len(train_set), generator=seeded_generator(config.seed, _STREAM_EPOCH_ORDER, epoch))
+            while position["batch_in_epoch"] < batches_per_epoch and position["step"] < total_steps:
+                step = position["step"] + 1
+                first = position["batch_in_epoch"] * config.batch_size
+                batch_indices = order[first : first + config.batch_size]
+                loss = _optimizer_step(
+                    accelerator, model, optimizer, schedule, config, step, batch_indices.to(accelerator.device),
+                    train_images, train_labels, micro_batch,
+                )
+                if loss is None:  # fp16 loss scaling skipped this step (overflow)
+                    position["skipped_steps"] += 1
+                else:
+                    _update_ema(ema, accelerator.unwrap_model(model), config.ema_decay, step)
+                    window_loss += loss
+                    window_steps += 1
+                position.update(step=step, batch_in_epoch=position["batch_in_epoch"] + 1)
+                window_images += config.batch_size
+                bar.update(1)
+                if step % config.log_every == 0 or step == total_steps:
+                    mean_loss = accelerator.reduce(window_loss, "mean").item() / max(1, window_steps)
+                    speed = window_images / (time.perf_counter() - window_start)
+                    bar.set_postfix(epoch=epoch, loss=f"{mean_loss:.4f}", img_s=f"{speed:.0f}")
+                    _log(main, run_dir, {"step": step, "epoch": epoch, "train_loss": mean_loss, "lr": config.lr, "images_per_s": speed})
+                    window_loss.zero_()
+                    window_steps, window_images, window_start = 0, 0, time.perf_counter()
+                if stop.check(accelerator):
+                    break
+                if step % config.checkpoint_every == 0:
+                    last_checkpoint = step_checkpoint_path(run_dir, step)
+                    write_checkpoint(last_checkpoint)
+                    if main:
+                        prune_checkpoints(run_dir, config.keep_checkpoints)
+            if stop.requested:
+                break
+            if position["batch_in_epoch"] == batches_per_epoch:  # an epoch ended
+                val_loss = validation_loss(accelerator, model, schedule, val_set, config)
+                position.update(epoch=epoch + 1, batch_in_epoch=0)
+                record: dict[str, Any] = {"step": position["step"], "epoch": epoch, "val_loss": val_loss}
+                if main and config.sample_every_epoch:
+                    grid = run_dir / "samples" / f"epoch-{epoch:03d}.png"
+                    preview = _preview_samples(ema, schedule, config, (info.channels, info.image_size, info.image_size), accelerator.device)
+                    save_image_grid(preview, grid)
+                    record["samples"] = str(grid.relative_to(run_dir))
+                _log(main, run_dir, record)
+                is_best = position["best_val_loss"] is None or val_loss < position["best_val_loss"]
+                if is_best:
+                    position["best_val_loss"] = val_loss
+                last_checkpoint = step_checkpoint_path(run_dir, position["step"])
+                write_checkpoint(last_checkpoint)
+                if main:
+                    prune_checkpoints(run_dir, config.keep_checkpoints)
+                    if is_best:
+                        copy_checkpoint(last_checkpoint, best_checkpoint_path(run_dir))
+                accelerator.wait_for_everyone()
+        if position["step"] and (last_checkpoint is None or last_checkpoint != step_checkpoint_path(run_dir, position["step"])):
+            last_checkpoint = step_checkpoint_path(run_dir, position["step"])
+            write_checkpoint(last_checkpoint)
+    bar.close()
+    if main:
+        if stop.requested:
+            print(f"ddpmkit: stopped at step {position['step']} ({stop.signal_name}); checkpoint {last_checkpoint}\n"
+                  f"ddpmkit: resume with: ddpm train --out {run_dir} --resume")
+        else:
+            print(f"ddpmkit: finished at step {position['step']}; run directory {run_dir}")
+    accelerator.end_training()
+    return TrainSummary(run_dir, position["step"], position["epoch"], stop.requested, last_checkpoint, val_loss)
+
+
+def _optimizer_step(
+    accelerator: Any,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: NoiseSchedule,
+    config: TrainConfig,
+    step: int,
+    batch_indices: torch.Tensor,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    micro_batch: int,
+) -> torch.Tensor | None:
+    """One optimizer step of Algorithm 1 over this process's share of the global batch.
+
+    Returns the process's mean loss (detached), or None when fp16 loss scaling skipped
+    the step. Raises TrainingError on a non-finite gradient otherwise.
+    """
+    generator = seeded_generator(config.seed, _STREAM_STEP, step)
+    global_batch = batch_indices.numel()
+    sample_shape = (global_batch,) + tuple(images.shape[1:])
+    timesteps = torch.randint(0, schedule.num_steps, (global_batch,), generator=generator)
+    noise = torch.randn(sample_shape, generator=generator)
+    drop_label = torch.rand(global_batch, generator=generator) < config.label_dropout
+    device = accelerator.device
+    total = torch.zeros((), device=device)
+    for micro in range(config.grad_accum):
+        # Slice order (micro step, then process) makes every process see a disjoint part.
+        start = (micro * accelerator.num_processes + accelerator.process_index) * micro_batch
+        part = slice(start, start + micro_batch)
+        x0 = to_model_range(images[batch_indices[part]])
+        t = timesteps[part].to(device)
+        eps = noise[part].to(device)
+        x_t = schedule.q_sample(x0, t, eps)
+        label_args = ()
+        if config.conditional:
+            y = labels[batch_indices[part]].clone()
+            y[drop_label[part].to(device)] = -1  # the UNet maps -1 to its "no label" slot
+            label_args = (y,)
+        sync = micro == config.grad_accum - 1
+        with (nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
+            loss = F.mse_loss(model(x_t, t, *label_args).float(), eps)
+        accelerator.backward(loss / config.grad_accum)
+        total += loss.detach()
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
+    finite = bool(torch.isfinite(grad_norm))
+    if not finite and config.precision != "fp16":
+        raise TrainingError(
+            f"non-finite gradient at step {step} (loss {float(total) / config.grad_accum:.4g}); "
+            "stopped without saving this step: the last checkpoint and metrics are intact. "
+            "Lower --lr or use --grad-clip"
+        )
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if accelerator.optimizer_step_was_skipped or not finite:
+        return None
+    return total / config.grad_accum
+
+
+@torch.no_grad()
+def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    # Warm-up (as TensorFlow's ExponentialMovingAverage with num_updates): a plain 0.9999
+    # average would stay mostly the random initialisation for ~10k steps.
+    rate = 1.0 - min(decay, (1.0 + step) / (10.0 + step))
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), rate)
+    for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
+        ema_buffer.copy_(buffer)
+
+
+@torch.no_grad()
+def validation_loss(accelerator: Any, model: torch.nn.Module, schedule: NoiseSchedule, dataset: ImageDataset, config: TrainConfig) -> float:
+    """Mean noise-prediction MSE on the validation split, with fixed (seeded) t and noise.
+
+    The same draws every epoch make the curve comparable across epochs; the split is
+    shared out across processes and the sums reduced.
+    """
+    generator = seeded_generator(config.seed, _STREAM_VALIDATION)
+    count = len(dataset)
+    timesteps = torch.randint(0, schedule.num_steps, (count,), generator=generator)
+    noise = torch.randn((count,) + tuple(dataset.images.shape[1:]), generator=generator)
+    device = accelerator.device
+    model.eval()
+    total = torch.zeros((), device=device)
+    for start in range(accelerator.process_index * config.batch_size, count, accelerator.num_processes * config.batch_size):
+        part = slice(start, start + config.batch_size)
+        x0 = to_model_range(dataset.images[part].to(device))
+        t, eps = timesteps[part].to(device), noise[part].to(device)
+        label_args = (dataset.labels[part].to(device),) if config.conditional else ()
+        with accelerator.autocast():
+            prediction = model(schedule.q_sample(x0, t, eps), t, *label_args).float()
+        total += F.mse_loss(prediction, eps, reduction="sum")
+    model.train()
+    total = accelerator.reduce(total, "sum")
+    return float(total) / (count * math.prod(dataset.images.shape[1:]))
+
+
+def _preview_samples(ema: torch.nn.Module, schedule: NoiseSchedule, config: TrainConfig, image_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The per-epoch sample grid, with the cheap preview sampler (logged in the config)."""
+    ema.eval()
+    images = sample(
+        ema, schedule, (config.sample_every_epoch, *image_shape), sampler=config.preview_sampler,
+        steps=config.preview_steps, generator=seeded_generator(config.seed, _STREAM_PREVIEW), device=device,
+    )
+    return images
+
+
+def _rng_states() -> dict[str, torch.Tensor]:
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def _log(main: bool, run_dir: Path, record: dict[str, Any]) -> None:
+    if main:
+        with (run_dir / "metrics.jsonl").open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop lines logged after the checkpoint we resume from (they will be redone)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM ask for a clean stop: finish the step, checkpoint, exit 0."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def check(self, accelerator: Any) -> bool:
+        """True on every process when any process was signalled (kept in step across ranks)."""
+        if accelerator.num_processes > 1:
+            flag = torch.tensor(float(self.requested), device=accelerator.device)
+            self.requested = bool(accelerator.reduce(flag, "sum") > 0)
+            self.signal_name = self.signal_name or "signal on another process"
+        return self.requested

@@ -1,0 +1,375 @@
+"""The noise-prediction network eps_theta(x_t, t[, y]): the UNet of Ho et al. 2020.
+
+Layout (Ho et al. 2020, appendix B; the structure of improved-diffusion, Nichol & Dhariwal
+2021), with the poster's defaults (3 levels of 64/128/128 channels, 2 ResBlocks each)::
+
+    input 3x3 conv (in_channels -> base)
+    down path: per level, num_res_blocks ResBlocks (+ self-attention at attention_levels),
+               then a stride-2 3x3 conv to the next level (none after the last level)
+    middle:    ResBlock, [self-attention if the lowest level is in attention_levels], ResBlock
+    up path:   per level, num_res_blocks + 1 ResBlocks (+ self-attention), each fed the
+               concatenation of the running features and one skip connection, then
+               nearest x2 upsampling + 3x3 conv (none after level 0)
+    output:    GroupNorm -> SiLU -> 3x3 conv (base -> out_channels), zero-initialised
+
+Why num_res_blocks + 1 blocks on the way up: every activation saved on the way down
+(the input conv's output, each ResBlock's output and each downsampler's output: that is
+num_res_blocks + 1 per level) is consumed by exactly one up-path block, at the same
+resolution. This is the DDPM / improved-diffusion wiring.
+
+The timestep enters every ResBlock as an embedding of the *index* i (0-based; index i
+is the paper's step t = i + 1, see schedules.py). A class label, if the model is
+conditional, is embedded and added to that same embedding (Ho & Salimans 2022); the
+extra embedding slot ``null_label`` means "no label" for classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import math
+import typing
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import _check_type, _require
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The UNet's constructor arguments; validated on construction, JSON-serialisable.
+
+    Lists (as read back from JSON or TOML) are accepted for the tuple fields.
+    ``out_channels=None`` means "as many as in_channels" (noise has the image's shape).
+    """
+
+    in_channels: int = 1
+    out_channels: int | None = None
+    base_channels: int = 64
+    channel_mults: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attention_levels: tuple[int, ...] = ()
+    num_classes: int | None = None
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name, annotation in typing.get_type_hints(UNetConfig).items():
+            object.__setattr__(self, name, _check_type(name, annotation, getattr(self, name)))
+        _require(self.in_channels >= 1, "in_channels must be >= 1")
+        _require(self.out_channels is None or self.out_channels >= 1, "out_channels must be >= 1")
+        _require(self.base_channels >= 1, "base_channels must be >= 1")
+        _require(len(self.channel_mults) >= 1 and min(self.channel_mults) >= 1, "channel_mults must be a non-empty list of integers >= 1")
+        _require(self.num_res_blocks >= 1, "num_res_blocks must be >= 1")
+        bad = [level for level in self.attention_levels if not 0 <= level < self.num_levels]
+        _require(not bad, f"attention level(s) {bad} out of range: the model has levels 0..{self.num_levels - 1}")
+        _require(self.num_classes is None or self.num_classes >= 1, "num_classes must be >= 1 (or None for an unconditional model)")
+        _require(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.channel_mults)
+
+    def check_input_size(self, image_size: int, channels: int) -> None:
+        """Raise ConfigError unless (channels, image_size, image_size) images fit this UNet.
+
+        Each of the num_levels - 1 downsamplers halves the size, and the up path must
+        restore it exactly so the skip connections line up: the size must be divisible
+        by 2 ** (num_levels - 1).
+        """
+        if channels != self.in_channels:
+            raise ConfigError(f"images have {channels} channel(s) but the model was built for in_channels={self.in_channels}")
+        halvings = self.num_levels - 1
+        factor = 2**halvings
+        if image_size < 1 or image_size % factor:
+            below = image_size // factor * factor
+            options = f"{below} or {below + factor}" if below > 0 else str(factor)
+            times = {1: "once", 2: "twice"}.get(halvings, f"{halvings} times")
+            raise ConfigError(
+                f"image size {image_size} is not divisible by {factor} "
+                f"({self.num_levels} levels halve it {times}); use {options}"
+            )
+
+
+def group_count(channels: int) -> int:
+    """GroupNorm groups: 32 (Ho et al., Wu & He) when it divides channels, else the
+    largest divisor <= 32, so that narrow test models (8, 16, 24 channels) work."""
+    return max(groups for groups in range(1, 33) if channels % groups == 0)
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(group_count(channels), channels)
+
+
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of step indices t (B,) -> (B, dim), in float32.
+
+    Vaswani et al. 2017, sec. 3.5: frequencies 1 / 10000^(2k/dim), k = 0 .. dim/2 - 1.
+    The sines fill the first half and the cosines the second (instead of interleaving):
+    a fixed permutation, which the Linear layer that follows absorbs. An odd dim gets a
+    zero last column. Computed in float32 even under bf16/fp16, where t * frequency
+    for t near 1000 would lose the phase.
+    """
+    half = dim // 2
+    frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = t.to(torch.float32)[:, None] * frequencies[None, :]
+    return F.pad(torch.cat([torch.sin(angles), torch.cos(angles)], dim=1), (0, dim % 2))
+
+
+class ResBlock(nn.Module):
+    """Residual block with the timestep (and label) embedding added between its convs.
+
+    ``activated_embedding`` is SiLU(embedding), computed once per forward by the UNet
+    rather than once in every block.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, embedding_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = conv3x3(in_channels, out_channels)
+        self.embedding_projection = nn.Linear(embedding_dim, out_channels)
+        self.norm2 = group_norm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = conv3x3(out_channels, out_channels)
+        self.skip = nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor, activated_embedding: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.embedding_projection(activated_embedding)[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class SelfAttention(nn.Module):
+    """Single-head self-attention over the H*W pixels, with a residual connection.
+
+    The 1x1 projections are written as Linear layers over the channel axis of the pixel
+    sequence: the same maths as 1x1 convs, without layout changes around them. The
+    permute/reshape pair is a free view for channels_last inputs.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.out = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        pixels = self.norm(x).permute(0, 2, 3, 1).reshape(batch, 1, height * width, channels)
+        query, key, value = self.qkv(pixels).chunk(3, dim=-1)
+        # softmax(Q K^T / sqrt(C)) V (Vaswani et al. eq. 1), one head of width C.
+        attended = F.scaled_dot_product_attention(query, key, value)
+        return x + self.out(attended).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+
+
+class ResAttentionBlock(nn.Module):
+    """A ResBlock, followed by self-attention at the levels that have it."""
+
+    def __init__(self, in_channels: int, out_channels: int, embedding_dim: int, dropout: float, attention: bool) -> None:
+        super().__init__()
+        self.res = ResBlock(in_channels, out_channels, embedding_dim, dropout)
+        self.attention = SelfAttention(out_channels) if attention else None
+
+    def forward(self, x: torch.Tensor, activated_embedding: torch.Tensor) -> torch.Tensor:
+        x = self.res(x, activated_embedding)
+        return x if self.attention is None else self.attention(x)
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 3x3 conv (Ho et al.'s learned downsampling)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = conv3x3(channels, channels, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour x2, then a 3x3 conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = conv3x3(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class DownLevel(nn.Module):
+    """One resolution of the down path; pushes every output it makes onto ``skips``."""
+
+    def __init__(self, blocks: list[ResAttentionBlock], downsample: Downsample | None) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.downsample = downsample
+
+    def forward(self, h: torch.Tensor, activated_embedding: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        for block in self.blocks:
+            h = block(h, activated_embedding)
+            skips.append(h)
+        if self.downsample is not None:
+            h = self.downsample(h)
+            skips.append(h)
+        return h
+
+
+class UpLevel(nn.Module):
+    """One resolution of the up path; each block pops (consumes) one skip connection."""
+
+    def __init__(self, blocks: list[ResAttentionBlock], upsample: Upsample | None) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.upsample = upsample
+
+    def forward(self, h: torch.Tensor, activated_embedding: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        for block in self.blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), activated_embedding)
+        return h if self.upsample is None else self.upsample(h)
+
+
+class UNet(nn.Module):
+    """eps_theta(x_t, t[, y]): predicts the noise in x_t, same shape as x_t.
+
+    Call ``model(x_t, t)`` or ``model(x_t, t, y)``. ``t`` holds int64 step *indices*
+    (0 .. T-1; index i is step t = i + 1), shape (B,), or one index (python int or 0-d
+    tensor) for the whole batch. ``y`` holds class labels in 0 .. num_classes - 1; -1 or
+    ``null_label`` means "no label", and y=None means "no label" for the whole batch.
+    ``null_label`` is num_classes (None for an unconditional model).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = UNetConfig.in_channels,
+        out_channels: int | None = UNetConfig.out_channels,
+        base_channels: int = UNetConfig.base_channels,
+        channel_mults: tuple[int, ...] = UNetConfig.channel_mults,
+        num_res_blocks: int = UNetConfig.num_res_blocks,
+        attention_levels: tuple[int, ...] = UNetConfig.attention_levels,
+        num_classes: int | None = UNetConfig.num_classes,
+        dropout: float = UNetConfig.dropout,
+    ) -> None:
+        super().__init__()
+        config = UNetConfig(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            base_channels=base_channels,
+            channel_mults=channel_mults,
+            num_res_blocks=num_res_blocks,
+            attention_levels=attention_levels,
+            num_classes=num_classes,
+            dropout=dropout,
+        )
+        self.config = config
+        self.null_label = config.num_classes
+        base = config.base_channels
+        embedding_dim = 4 * base  # as in Ho et al.'s released model: the timestep MLP is 4x the base width
+
+        self.time_mlp = nn.Sequential(nn.Linear(base, embedding_dim), nn.SiLU(), nn.Linear(embedding_dim, embedding_dim))
+        # num_classes + 1 rows: the last one is the learned "no label" embedding.
+        self.label_embedding = nn.Embedding(config.num_classes + 1, embedding_dim) if config.num_classes is not None else None
+
+        def block(in_ch: int, out_ch: int, attention: bool) -> ResAttentionBlock:
+            return ResAttentionBlock(in_ch, out_ch, embedding_dim, config.dropout, attention)
+
+        self.input_conv = conv3x3(config.in_channels, base)
+        widths = [base * mult for mult in config.channel_mults]
+        last = config.num_levels - 1
+        skip_widths = [base]  # channel counts of the activations the down path saves
+        channels = base
+        down = []
+        for level, width in enumerate(widths):
+            attention = level in config.attention_levels
+            blocks = []
+            for _ in range(config.num_res_blocks):
+                blocks.append(block(channels, width, attention))
+                channels = width
+                skip_widths.append(channels)
+            downsample = None
+            if level < last:
+                downsample = Downsample(channels)
+                skip_widths.append(channels)
+            down.append(DownLevel(blocks, downsample))
+        self.down = nn.ModuleList(down)
+
+        self.middle = nn.ModuleList([block(channels, channels, last in config.attention_levels), block(channels, channels, False)])
+
+        up = []
+        for level in reversed(range(config.num_levels)):
+            attention = level in config.attention_levels
+            blocks = []
+            for _ in range(config.num_res_blocks + 1):
+                blocks.append(block(channels + skip_widths.pop(), widths[level], attention))
+                channels = widths[level]
+            up.append(UpLevel(blocks, Upsample(channels) if level > 0 else None))
+        self.up = nn.ModuleList(up)
+
+        out_channels = config.in_channels if config.out_channels is None else config.out_channels
+        self.output = nn.Sequential(group_norm(channels), nn.SiLU(), conv3x3(channels, out_channels))
+        # Zero-initialised (improved-diffusion): a fresh model predicts eps = 0, the mean of
+        # the target, so the first loss is ~1 and the first updates do not have to undo a
+        # random output layer's large, arbitrary predictions.
+        nn.init.zeros_(self.output[-1].weight)
+        nn.init.zeros_(self.output[-1].bias)
+
+    @classmethod
+    def from_config(cls, config: UNetConfig) -> UNet:
+        return cls(**asdict(config))
+
+    # Usable before any model exists: UNet.check_input_size(config, image_size, channels).
+    check_input_size = staticmethod(UNetConfig.check_input_size)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor | None = None) -> torch.Tensor:
+        batch = self._check_image_batch(x)
+        t = self._batch_of_indices(t, batch, x.device)
+        embedding = self.time_mlp(timestep_embedding(t, self.config.base_channels).to(x.dtype))
+        if self.label_embedding is not None:
+            embedding = embedding + self.label_embedding(self._labels_or_null(y, batch, x.device))
+        elif y is not None:
+            raise ConfigError("class labels were given to an unconditional model (built with num_classes=None)")
+        activated_embedding = F.silu(embedding)  # every ResBlock starts its projection with SiLU
+
+        h = self.input_conv(x)
+        skips = [h]
+        for level in self.down:
+            h = level(h, activated_embedding, skips)
+        for block in self.middle:
+            h = block(h, activated_embedding)
+        for level in self.up:
+            h = level(h, activated_embedding, skips)
+        return self.output(h)
+
+    def _check_image_batch(self, x: torch.Tensor) -> int:
+        if x.dim() != 4:
+            raise ConfigError(f"expected a batch of images shaped (B, C, H, W), got shape {tuple(x.shape)}")
+        batch, channels, height, width = x.shape
+        if height != width:
+            raise ConfigError(f"images are {height}x{width}; the UNet needs square images")
+        self.config.check_input_size(height, channels)
+        return batch
+
+    @staticmethod
+    def _batch_of_indices(t: torch.Tensor | int, batch: int, device: torch.device) -> torch.Tensor:
+        t = torch.as_tensor(t, device=device)
+        if t.is_floating_point() or t.is_complex():
+            raise ConfigError(f"t must hold integer step indices (index i is step t = i + 1), got dtype {t.dtype}")
+        if t.dim() == 0:
+            return t.expand(batch)
+        if t.shape != (batch,):
+            raise ConfigError(f"t must have shape ({batch},) (one index per image) or be a single index, got {tuple(t.shape)}")
+        return t
+
+    def _labels_or_null(self, y: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        if y is None:
+            return torch.full((batch,), self.null_label, dtype=torch.long, device=device)
+        if y.shape != (batch,):
+            raise ConfigError(f"y must have shape ({batch},) (one label per image), got {tuple(y.shape)}")
+        # -1 is the label-dropout marker (training) and the guidance "no label" (sampling).
+        return torch.where(y < 0, self.null_label, y)
