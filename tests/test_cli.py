@@ -58,7 +58,7 @@ def test_config_file_with_flag_override(folder_dataset, tmp_path, capsys):
         (["train", "--config", "{tmp}/missing.toml", "--out", "{tmp}/r"], "does not exist"),
         (["sample", "{tmp}/no-run"], "neither a checkpoint file nor a run directory"),
         (["sample", "{tmp}/bad.safetensors"], "not a readable ddpmkit checkpoint"),
-        (["train", "--out", "{tmp}/no-run", "--resume"], "nothing to resume"),
+        (["train", "--out", "{tmp}/no-run", "--resume"], "not a ddpmkit run directory"),
     ],
 )
 def test_errors_are_one_line_with_exit_status_2(argv, message, folder_dataset, tmp_path, capsys):

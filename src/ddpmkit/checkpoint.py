@@ -15,6 +15,7 @@ Layout of a run directory::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -197,7 +198,8 @@ def _write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
         os.replace(temporary, path)
         _fsync_path(path.parent)
     except OSError as exc:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the folder itself may be what failed
+            temporary.unlink(missing_ok=True)
         raise CheckpointError(f"could not write checkpoint {path}: {exc.strerror or exc}") from None
     return path
 
