@@ -1,165 +1,284 @@
 """Training and sampling throughput of ddpmkit's UNet next to diffusers' UNet2DModel.
 
 Both models in the poster's configuration (channels 64/128/128, 2 ResBlocks per level,
-self-attention at the middle level, 28x28x1), same machine, same run. Each measurement
-runs in a fresh subprocess so that peak RSS belongs to it alone. Prints a table and
-writes benchmarks/results/throughput.json.
+self-attention at the middle level, 28x28x1), fp32, on this machine's CPU (or the GPU
+with --device cuda). Speeds are measured in this one process, *interleaved*: each repeat
+times every model in turn, so that load from other programs slows all of them alike; the
+table gives the median over repeats, and the ratio of the medians. Peak RSS is measured
+in one fresh subprocess per case, so that peaks do not mix. Prints a table and writes
+benchmarks/results/throughput.json.
 
-    .venv/bin/python benchmarks/throughput.py            # needs `pip install diffusers`
-    .venv/bin/python benchmarks/throughput.py --quick    # fewer iterations
+    .venv/bin/python benchmarks/throughput.py                    # diffusers vs ddpmkit
+    .venv/bin/python benchmarks/throughput.py --channels-last    # + ddpmkit in channels_last
+    .venv/bin/python benchmarks/throughput.py --compile          # + ddpmkit under torch.compile
+    .venv/bin/python benchmarks/throughput.py --sample-batches 64,256,1024   # sampling batch sizes
+
+diffusers is needed only here (it is in the dev environment, not a ddpmkit dependency).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
 RESULTS = Path(__file__).parent / "results"
+IMAGE = (1, 28, 28)
+TRAIN_BATCH, SAMPLE_BATCH = 64, 256  # the issue's measuring batches
+MEMORY_TRAIN_BATCH, MEMORY_SAMPLE_BATCH = 128, 1024  # the issue's memory batches
 
 
-def build(kind: str, channels_last: bool = False):
-    import torch
-
+def build(kind: str) -> torch.nn.Module:
+    """The poster's configuration in either library (6.40M vs 6.47M parameters)."""
     if kind == "ddpmkit":
         from ddpmkit.unet import UNet
 
-        model = UNet(in_channels=1, base_channels=64, channel_mults=(1, 2, 2), num_res_blocks=2, attention_levels=(1,))
-    else:
-        from diffusers import UNet2DModel
+        return UNet(in_channels=1, base_channels=64, channel_mults=(1, 2, 2), num_res_blocks=2, attention_levels=(1,))
+    from diffusers import UNet2DModel
 
-        model = UNet2DModel(
-            sample_size=28, in_channels=1, out_channels=1, block_out_channels=(64, 128, 128), layers_per_block=2,
-            down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=32,
-        )
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return UNet2DModel(
+        sample_size=28, in_channels=1, out_channels=1, block_out_channels=(64, 128, 128), layers_per_block=2,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=32,
+    )
 
 
-def call(model, kind: str, x, t):
-    out = model(x, t)
-    return out.sample if kind == "diffusers" else out
+@dataclass
+class Case:
+    """One model setup under test: a library and the speed options applied to it."""
+
+    kind: str
+    channels_last: bool = False
+    compile: bool = False
+    compile_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.kind + "".join(suffix for on, suffix in ((self.channels_last, "+cl"), (self.compile, "+compile")) if on)
+
+    def model(self, device: str) -> tuple[torch.nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+        torch.manual_seed(0)
+        model = build(self.kind).to(device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        forward = torch.compile(model) if self.compile else model
+        if self.kind == "diffusers":
+            return model, lambda x, t: forward(x, t).sample
+        return model, forward
+
+    def inputs(self, batch: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, *IMAGE, generator=generator).to(device)
+        if self.channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        return x, torch.randint(0, 1000, (batch,), generator=generator).to(device)
 
 
-def flops_per_image(kind: str) -> float:
-    import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
+def training_step(case: Case, batch: int, device: str) -> Callable[[], None]:
+    """A full training step: forward, MSE, backward, Adam (Algorithm 1's inner loop)."""
+    model, forward = case.model(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x, t = case.inputs(batch, device)
+    noise = torch.randn_like(x)
 
-    model = build(kind).eval()
-    x, t = torch.randn(2, 1, 28, 28), torch.randint(0, 1000, (2,))
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        call(model, kind, x, t)
-    return counter.get_total_flops() / 2
+    def step() -> None:
+        F.mse_loss(forward(x, t), noise).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
-
-def matmul_ceiling() -> float:
-    import torch
-
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    for _ in range(3):
-        a @ b
-    best = 0.0
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(10):
-            a @ b
-        best = max(best, 10 * 2 * 2048**3 / (time.perf_counter() - start))
-    return best / 1e9
+    return step
 
 
-def measure(kind: str, mode: str, batch: int, iterations: int, channels_last: bool) -> dict:
-    """One measurement in this process (called in a subprocess by main)."""
-    import resource
+def sampling_forward(case: Case, batch: int, device: str) -> Callable[[], None]:
+    """One denoiser call of a sampler: forward only, under inference_mode, as samplers.sample."""
+    model, forward = case.model(device)
+    model.eval()
+    x, t = case.inputs(batch, device)
 
-    import torch
-    import torch.nn.functional as F
+    def step() -> None:
+        with torch.inference_mode():
+            forward(x, t)
 
-    torch.manual_seed(0)
-    model = build(kind, channels_last)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(batch, 1, 28, 28).to(memory_format=memory_format)
-    t = torch.randint(0, 1000, (batch,))
-    if mode == "train":
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-        noise = torch.randn_like(x)
+    return step
 
-        def step():
-            loss = F.mse_loss(call(model, kind, x, t), noise)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    else:
-        model.eval()
 
-        def step():
-            with torch.inference_mode():
-                call(model, kind, x, t)
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
-    step()  # warm-up
-    step()
+
+def timed(step: Callable[[], None], iterations: int, device: str) -> float:
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(iterations):
         step()
-    seconds = time.perf_counter() - start
-    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"images_per_s": batch * iterations / seconds, "peak_rss_mib": peak_rss_mib}
+    synchronize(device)
+    return time.perf_counter() - start
 
 
-def run_child(*args: str) -> dict:
-    output = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True).stdout
-    return json.loads(output.strip().splitlines()[-1])
+def flops_per_image(kind: str, training: bool) -> float:
+    """Counted FLOPs per image: a forward, or forward + backward (weights and inputs)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    case = Case(kind)
+    model, forward = case.model("cpu")
+    x, t = case.inputs(2, "cpu")
+    # MATH: the counter sees the attention matmuls, whichever kernel the speed run uses.
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        if training:
+            forward(x, t).square().mean().backward()
+        else:
+            with torch.no_grad():
+                forward(x, t)
+    return counter.get_total_flops() / 2
+
+
+def matmul_ceiling(device: str) -> float:
+    """This machine's fp32 matmul GFLOP/s (best of 5 x 10 products of 2048^2 matrices)."""
+    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
+    for _ in range(3):
+        a @ b
+    best = min(timed(lambda: a @ b, 10, device) for _ in range(5))
+    return 10 * 2 * 2048**3 / best / 1e9
+
+
+def interleaved_speeds(cases: list[Case], mode: str, batch: int, iterations: int, repeats: int, device: str) -> dict[str, list[float]]:
+    """images/s of every case, per repeat; within a repeat the cases run one after another."""
+    make = training_step if mode == "train" else sampling_forward
+    steps = {}
+    for case in cases:
+        steps[case.name] = make(case, batch, device)
+        start = time.perf_counter()
+        steps[case.name]()  # warm-up; with torch.compile this call compiles
+        case.compile_seconds[mode] = time.perf_counter() - start
+        steps[case.name]()
+    speeds: dict[str, list[float]] = {case.name: [] for case in cases}
+    for _ in range(repeats):
+        for case in cases:
+            speeds[case.name].append(batch * iterations / timed(steps[case.name], iterations, device))
+    return speeds
+
+
+def peak_rss_mib(case: Case, mode: str, batch: int, device: str) -> float:
+    """Peak RSS of a fresh process that builds the model and runs one step (2 for training:
+    Adam's state exists from the first)."""
+    arguments = [case.kind, mode, str(batch), device, str(int(case.channels_last)), str(int(case.compile))]
+    output = subprocess.run([sys.executable, __file__, "--memory-child", *arguments], capture_output=True, text=True, check=True)
+    return float(output.stdout.strip().splitlines()[-1])
+
+
+def memory_child(kind: str, mode: str, batch: str, device: str, channels_last: str, compile: str) -> None:
+    case = Case(kind, channels_last=bool(int(channels_last)), compile=bool(int(compile)))
+    step = (training_step if mode == "train" else sampling_forward)(case, int(batch), device)
+    for _ in range(2 if mode == "train" else 1):
+        step()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--channels-last", action="store_true", help="measure ddpmkit with channels_last too")
-    parser.add_argument("--child", nargs=4, metavar=("KIND", "MODE", "BATCH", "ITERS"), help=argparse.SUPPRESS)
-    parser.add_argument("--child-channels-last", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats (default 5)")
+    parser.add_argument("--train-iterations", type=int, default=2, help="training steps per repeat (default 2)")
+    parser.add_argument("--sample-iterations", type=int, default=1, help="sampling forwards per repeat (default 1)")
+    parser.add_argument("--channels-last", action="store_true", help="also ddpmkit in channels_last")
+    parser.add_argument("--compile", action="store_true", help="also ddpmkit under torch.compile (compile time reported)")
+    parser.add_argument("--sample-batches", type=str, default=None, help="only sampling speed of ddpmkit at these batch sizes")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--memory-child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        kind, mode, batch, iterations = args.child
-        print(json.dumps(measure(kind, mode, int(batch), int(iterations), args.child_channels_last)))
+    if args.memory_child:
+        memory_child(*args.memory_child)
         return
 
-    import torch
+    device = args.device
+    ceiling = matmul_ceiling(device)
+    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
+          f"fp32 matmul ceiling {ceiling:.0f} GFLOP/s; medians of {args.repeats} interleaved repeats", flush=True)
+    if args.sample_batches:
+        sample_batch_sizes(args, ceiling, device)
+        return
 
-    ceiling = matmul_ceiling()
-    train_iters, sample_iters = (3, 2) if args.quick else (10, 5)
-    rows = []
-    for kind in ("diffusers", "ddpmkit"):
-        flops = flops_per_image(kind)
-        params = sum(p.numel() for p in build(kind).parameters())
-        train = run_child(kind, "train", "64", str(train_iters))
-        sample = run_child(kind, "sample", "256", str(sample_iters))
-        train_memory = run_child(kind, "train", "128", "1")
-        sample_memory = run_child(kind, "sample", "1024", "1")
-        rows.append({
-            "model": kind, "params_m": params / 1e6, "gflop_per_image": flops / 1e9,
-            "train_images_per_s": train["images_per_s"], "sample_images_per_s": sample["images_per_s"],
-            # training costs ~3x the forward FLOPs (forward + backward for inputs and weights)
-            "train_gflop_s": 3 * flops * train["images_per_s"] / 1e9, "sample_gflop_s": flops * sample["images_per_s"] / 1e9,
-            "peak_rss_train_b128_mib": train_memory["peak_rss_mib"], "peak_rss_sample_b1024_mib": sample_memory["peak_rss_mib"],
-        })
-    base, ours = rows
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 matmul ceiling {ceiling:.0f} GFLOP/s")
-    header = f"{'':28}{'diffusers':>12}{'ddpmkit':>12}{'ratio':>8}"
-    print(header)
-    for key, label in [("params_m", "parameters (M)"), ("gflop_per_image", "GFLOP / image forward"),
-                       ("train_images_per_s", "train img/s (b64)"), ("sample_images_per_s", "sample fwd img/s (b256)"),
-                       ("train_gflop_s", "train GFLOP/s"), ("sample_gflop_s", "sample GFLOP/s"),
-                       ("peak_rss_train_b128_mib", "peak RSS train b128 (MiB)"), ("peak_rss_sample_b1024_mib", "peak RSS sample b1024 (MiB)")]:
-        print(f"{label:28}{base[key]:12.2f}{ours[key]:12.2f}{ours[key] / base[key]:8.2f}")
-    for row in rows:
-        print(f"{row['model']}: train {100 * row['train_gflop_s'] / ceiling:.0f}% and sampling {100 * row['sample_gflop_s'] / ceiling:.0f}% of the matmul ceiling")
+    cases = [Case("diffusers"), Case("ddpmkit")]
+    if args.channels_last:
+        cases.append(Case("ddpmkit", channels_last=True))
+    if args.compile:
+        cases.append(Case("ddpmkit", compile=True))
+    train = interleaved_speeds(cases, "train", TRAIN_BATCH, args.train_iterations, args.repeats, device)
+    sample = interleaved_speeds(cases, "sample", SAMPLE_BATCH, args.sample_iterations, args.repeats, device)
+    rows = {}
+    for case in cases:
+        forward_flops, training_flops = flops_per_image(case.kind, False), flops_per_image(case.kind, True)
+        train_speed, sample_speed = statistics.median(train[case.name]), statistics.median(sample[case.name])
+        row = {
+            "parameters (M)": sum(p.numel() for p in build(case.kind).parameters()) / 1e6,
+            "GFLOP / image forward": forward_flops / 1e9,
+            f"train img/s (b{TRAIN_BATCH})": train_speed,
+            f"sample fwd img/s (b{SAMPLE_BATCH})": sample_speed,
+            "train GFLOP/s": training_flops * train_speed / 1e9,
+            "sample GFLOP/s": forward_flops * sample_speed / 1e9,
+            "train % of matmul ceiling": 100 * training_flops * train_speed / 1e9 / ceiling,
+            "sample % of matmul ceiling": 100 * forward_flops * sample_speed / 1e9 / ceiling,
+        }
+        if case.compile:
+            row["compile s (train / sample)"] = f"{case.compile_seconds['train']:.0f} / {case.compile_seconds['sample']:.0f}"
+        if not args.no_memory:
+            row[f"peak RSS train b{MEMORY_TRAIN_BATCH} (MiB)"] = peak_rss_mib(case, "train", MEMORY_TRAIN_BATCH, device)
+            row[f"peak RSS sample b{MEMORY_SAMPLE_BATCH} (MiB)"] = peak_rss_mib(case, "sample", MEMORY_SAMPLE_BATCH, device)
+        rows[case.name] = row
+    print_table(rows, "diffusers")
+    per_repeat = {
+        mode: [ours / theirs for ours, theirs in zip(speeds["ddpmkit"], speeds["diffusers"])] for mode, speeds in (("train", train), ("sample", sample))
+    }
+    for mode, ratios in per_repeat.items():
+        print(f"ddpmkit / diffusers {mode} ratio per repeat: " + " ".join(f"{r:.2f}" for r in ratios))
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "throughput.json").write_text(json.dumps({"matmul_ceiling_gflop_s": ceiling, "torch": torch.__version__, "rows": rows}, indent=2))
+    record = {"torch": torch.__version__, "device": device, "threads": torch.get_num_threads(), "matmul_ceiling_gflop_s": ceiling,
+              "rows": rows, "train_images_per_s": train, "sample_images_per_s": sample}
+    (RESULTS / "throughput.json").write_text(json.dumps(record, indent=2))
+
+
+def sample_batch_sizes(args: argparse.Namespace, ceiling: float, device: str) -> None:
+    """Sampling speed of ddpmkit's UNet at several batch sizes (the sampler's batch choice)."""
+    batches = [int(b) for b in args.sample_batches.split(",")]
+    case = Case("ddpmkit", channels_last=args.channels_last)
+    flops = flops_per_image("ddpmkit", False)
+    steps = {batch: sampling_forward(case, batch, device) for batch in batches}
+    for step in steps.values():
+        step()
+    speeds: dict[int, list[float]] = {batch: [] for batch in batches}
+    for _ in range(args.repeats):
+        for batch, step in steps.items():
+            # about the same images per timing at every batch size
+            iterations = max(1, max(batches) // batch * args.sample_iterations)
+            speeds[batch].append(batch * iterations / timed(step, iterations, device))
+    for batch, values in speeds.items():
+        median = statistics.median(values)
+        print(f"{case.name} sample batch {batch:5d}: {median:7.1f} img/s, {100 * flops * median / 1e9 / ceiling:4.0f}% of the ceiling")
+
+
+def print_table(rows: dict[str, dict[str, float | str]], baseline: str) -> None:
+    names = list(rows)
+    print(f"{'':30}" + "".join(f"{name:>18}" for name in names) + "".join(f"{name + '/' + baseline:>26}" for name in names if name != baseline))
+    for key in dict.fromkeys(k for row in rows.values() for k in row):  # every row's keys, in order
+        values = [rows[name].get(key, "") for name in names]
+        cells = "".join(f"{v:18.2f}" if isinstance(v, float) else f"{v:>18}" for v in values)
+        ratios = "".join(
+            f"{rows[name][key] / rows[baseline][key]:26.2f}" if isinstance(rows[name].get(key), float) and isinstance(rows[baseline].get(key), float) else f"{'':26}"
+            for name in names if name != baseline
+        )
+        print(f"{key:30}{cells}{ratios}")
 
 
 if __name__ == "__main__":

@@ -99,8 +99,8 @@ def test_timestep_changes_the_output_and_a_single_index_broadcasts():
     assert torch.equal(model(x, torch.tensor(17)), full)
 
 
-@pytest.mark.parametrize("channels, groups", [(64, 32), (128, 32), (8, 8), (24, 24), (48, 24), (40, 20), (33, 11), (7, 7)])
-def test_group_count_is_32_or_the_largest_divisor_below(channels, groups):
+@pytest.mark.parametrize("channels, groups", [(64, 32), (128, 32), (16, 8), (8, 4), (24, 12), (48, 24), (40, 20), (33, 11), (7, 1)])
+def test_group_count_is_32_or_the_largest_divisor_with_two_channels_per_group(channels, groups):
     assert group_count(channels) == groups
 
 

@@ -37,6 +37,8 @@ from .unet import UNet, UNetConfig
 
 FORMAT = "ddpmkit-checkpoint-1"
 _STEP_FILE = re.compile(r"^step-(\d{9})\.safetensors$")
+# Temporaries of write_atomically (".NAME.tmp-PID") and of safetensors' own save (".tmpXXXXXX").
+_TEMPORARY_FILE = re.compile(r"^\..+\.tmp-\d+$|^\.tmp\w+$")
 
 
 @dataclass
@@ -117,12 +119,12 @@ def save_checkpoint(
         metadata["optimizer"] = json.dumps(optimizer_meta)
     tensors.update({f"rng.{k}": v for k, v in rng_states.items()})
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    return _write_atomically(Path(path), lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
+    return write_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata), what="checkpoint")
 
 
 def copy_checkpoint(source: str | Path, destination: str | Path) -> Path:
     """Copy a checkpoint file with the same atomicity as save_checkpoint."""
-    return _write_atomically(Path(destination), lambda temporary: shutil.copyfile(source, temporary))
+    return write_atomically(destination, lambda temporary: shutil.copyfile(source, temporary), what="checkpoint")
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -186,10 +188,26 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
         old.unlink(missing_ok=True)
 
 
-# --- helpers ---------------------------------------------------------------------------
+def remove_torn_writes(run_dir: str | Path) -> None:
+    """Delete the temporary files that a process killed while writing left in a run directory.
 
-def _write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
-    """write(temporary), fsync, rename over path, fsync the folder: all or nothing."""
+    Only for a run about to be continued: its one training process is the only writer.
+    """
+    for directory in (Path(run_dir), checkpoint_dir(run_dir)):
+        if directory.is_dir():
+            for path in directory.iterdir():
+                if _TEMPORARY_FILE.match(path.name):
+                    with contextlib.suppress(OSError):  # best effort: a read-only folder is reported by the next write
+                        path.unlink()
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], object], *, what: str = "file") -> Path:
+    """write(temporary), fsync, rename over path, fsync the folder: all or nothing.
+
+    A full disk or a read-only folder becomes a CheckpointError naming ``what`` and path;
+    whatever was at path before is left as it was.
+    """
+    path = Path(path)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,12 +215,15 @@ def _write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
         _fsync_path(temporary)
         os.replace(temporary, path)
         _fsync_path(path.parent)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # safetensors reports its I/O errors as SafetensorError
         with contextlib.suppress(OSError):  # the folder itself may be what failed
             temporary.unlink(missing_ok=True)
-        raise CheckpointError(f"could not write checkpoint {path}: {exc.strerror or exc}") from None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise CheckpointError(f"could not write {what} {path}: {reason}") from None
     return path
 
+
+# --- helpers ---------------------------------------------------------------------------
 
 def _fsync_path(path: Path) -> None:
     descriptor = os.open(path, os.O_RDONLY)

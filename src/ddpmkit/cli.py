@@ -29,7 +29,9 @@ _HELP = {
     "channel_mults": "channel multiplier per level, e.g. 1,2,2",
     "batch_size": "global batch (per process x processes x grad_accum)",
     "max_steps": "stop after this many optimizer steps",
-    "fid_batches": "validation minibatches for the per-epoch FID (0: off)",
+    "fid_batches": "validation minibatches for the per-epoch FID (0: off; needs ddpm train-classifier for the dataset)",
+    "tensorboard": "also log metrics and sample grids to RUN/tensorboard (pip install 'ddpmkit[tensorboard]')",
+    "compile": "torch.compile the model (Accelerate's inductor backend): opt-in, compiling first takes minutes",
 }
 
 
@@ -63,11 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("run", type=Path, help="run directory (latest checkpoint) or a checkpoint file")
     sample.add_argument("--num", type=int, default=64, help="number of images (default 64)")
     sample.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG grid path; the .npz goes beside it")
-    sample.add_argument("--batch-size", type=int, default=256, help="images per sampling batch")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (default) or raw")
+    _add_model_run_flags(sample)
     _add_sampler_flags(sample)
-    sample.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _add_guidance_flags(sample)
     sample.set_defaults(handler=_cmd_sample)
 
     demo = commands.add_parser("demo", help="train a small model on mnist-5k and sample from it (a few minutes on a CPU)")
@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run", type=Path)
     plot.add_argument("--out", type=Path, default=None, help="PNG path (default RUN/curves.png)")
     plot.set_defaults(handler=_cmd_plot)
+
+    _add_guidance_sweep_command(commands)
+    _add_evaluation_commands(commands)
+    _add_experiment_commands(commands)
     return parser
 
 
@@ -163,12 +167,22 @@ def _relaunch_with_accelerate(num_processes: int) -> int:
         if item.startswith("--num-processes="):
             continue
         forwarded.append(item)
-    command = [
+    return subprocess.call(accelerate_launch_command(num_processes, ["-m", "ddpmkit", *forwarded]))
+
+
+def accelerate_launch_command(num_processes: int, program: list[str]) -> list[str]:
+    """The ``accelerate launch`` command line that runs ``python PROGRAM`` on num_processes
+    connected processes of this machine (gloo on CPU, NCCL on GPUs).
+
+    Every launcher option is given, so that no Accelerate config file is looked for;
+    "--mixed_precision no" does not override --precision, because the Accelerator that
+    training builds is given its precision explicitly, which wins over the launcher's.
+    """
+    return [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), "-m", "ddpmkit", *forwarded,
+        "--main_process_port", str(_free_port()), *program,
     ]
-    return subprocess.call(command)
 
 
 def _free_port() -> int:
@@ -178,6 +192,14 @@ def _free_port() -> int:
 
 
 # --- sample -----------------------------------------------------------------------------
+
+def _add_model_run_flags(parser: argparse.ArgumentParser) -> None:
+    """How a trained model is loaded and run: shared by sample and guidance-sweep."""
+    parser.add_argument("--batch-size", type=int, default=256, help="images per sampling batch")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (default) or raw")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
 
 def _add_sampler_flags(parser: argparse.ArgumentParser) -> None:
     from .samplers import SAMPLER_NAMES, SPACING_NAMES, VARIANCE_NAMES
@@ -221,19 +243,22 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     device = _device(args.device)
     trained = load_trained_model(args.run, ema=args.ema, device=device)
     kwargs = sampler_kwargs(args)
+    guidance, guidance_record = _guidance_options(args, trained, device)
+    num = args.num if "labels" not in guidance else len(guidance["labels"])
     batches = []
-    with tqdm(total=args.num, unit="img", desc="sampling") as bar:
-        for batch in sample_batches(trained.model, trained.schedule, args.num, args.batch_size, trained.image_shape, seed=args.seed, device=device, **kwargs):
+    with tqdm(total=num, unit="img", desc="sampling") as bar:
+        for batch in sample_batches(trained.model, trained.schedule, num, args.batch_size, trained.image_shape, seed=args.seed, device=device, **kwargs, **guidance):
             batches.append(batch.cpu())
             bar.update(len(batch))
     samples = torch.cat(batches)
-    grid = save_image_grid(samples[:256], args.out)
+    grid = save_image_grid(samples[:256], args.out, nrow=args.per_class)  # --per-class: one row per class
     arrays = args.out.with_suffix(".npz")
     np.savez_compressed(
         arrays, images=to_uint8(samples).numpy(), samples=samples.numpy(),
         checkpoint=str(trained.path), step=trained.step, ema=trained.ema, seed=args.seed, **{k: str(v) for k, v in kwargs.items()},
+        **guidance_record,
     )
-    print(f"ddpm: {args.num} samples from {trained.path} (step {trained.step}, {'EMA' if trained.ema else 'raw'} weights)")
+    print(f"ddpm: {num} samples from {trained.path} (step {trained.step}, {'EMA' if trained.ema else 'raw'} weights)")
     print(f"ddpm: grid {grid}\nddpm: samples {arrays}")
     return 0
 
@@ -251,4 +276,359 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     from .figures import plot_metrics
 
     print(f"ddpm: wrote {plot_metrics(args.run, args.out)}")
+    return 0
+
+
+# --- guidance ---------------------------------------------------------------------------
+
+_CLASS_HELP = "classes to generate: 3, 3,7 or all"
+_GUIDANCE_HELP = (
+    "classifier-free guidance weight w of Ho & Salimans eq. 6: eps~ = (1 + w) eps(x_t, y) - w eps(x_t, no label); "
+    "diffusers' guidance_scale is 1 + w; 0 (default) is plain conditional sampling. Needs a model trained with --conditional"
+)
+_CLASSIFIER_GUIDANCE_HELP = (
+    "classifier guidance scale lambda (Dhariwal & Nichol): eps - sqrt(1 - abar_t) lambda grad for ddim and "
+    "dpm-solver++, mean + lambda Sigma grad for ancestral ddpm (form guided-diffusion), eps - lambda grad (form poster), "
+    "grad = grad_x log p(y | x_t, t) taken at the sampler's current noisy x_t and its step t, before the step's update "
+    "(not at the predicted x0). 0 is unguided sampling, exactly. Works with unconditional and conditional models"
+)
+
+
+def _add_guidance_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--class", dest="classes", type=_class_list, default=None, metavar="CLASSES", help=_CLASS_HELP)
+    parser.add_argument("--per-class", type=int, default=None, metavar="N",
+                        help="N images of each class instead of --num; the grid has one row per class")
+    parser.add_argument("--guidance", type=float, default=0.0, metavar="W", help=_GUIDANCE_HELP)
+    parser.add_argument("--classifier-guidance", type=float, default=None, metavar="LAMBDA", help=_CLASSIFIER_GUIDANCE_HELP)
+    _add_guiding_classifier_flags(parser)
+
+
+def _add_guiding_classifier_flags(parser: argparse.ArgumentParser) -> None:
+    from .guidance import DEFAULT_GUIDANCE_FORM, GUIDANCE_FORMS
+
+    parser.add_argument("--classifier", type=Path, default=None, metavar="PATH",
+                        help="guiding classifier directory (default: the cached one of the run's dataset, "
+                             "noisy for form guided-diffusion, clean for poster; see ddpm train-classifier)")
+    parser.add_argument("--guidance-form", default=DEFAULT_GUIDANCE_FORM, choices=GUIDANCE_FORMS,
+                        help="guided-diffusion: a noisy classifier p(y | x_t, t) (default); poster: a clean classifier "
+                             "p(y | x_t), no sqrt(1 - abar_t) factor, typical lambda 200")
+
+
+def _class_list(text: str) -> tuple[int, ...] | Literal["all"]:
+    if text.strip().lower() == "all":
+        return "all"
+    classes = _int_list(text)
+    if not classes:
+        raise argparse.ArgumentTypeError(f"expected 'all' or comma-separated class numbers, got {text!r}")
+    return classes
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _guidance_options(args: argparse.Namespace, trained: Any, device: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """sample_batches keywords (labels, guidance_scale, classifier, ...) for ``ddpm sample``'s
+    guidance flags, and what the .npz records of them; both empty without --class."""
+    from .guidance import check_classifier_free, class_labels, load_guiding_classifier, num_guided_classes, resolve_classes
+
+    if args.classes is None:
+        if args.per_class is not None or args.guidance or args.classifier_guidance is not None:
+            raise ConfigError("--per-class, --guidance and --classifier-guidance need --class: the classes to generate")
+        return {}, {}
+    if args.classifier is not None and args.classifier_guidance is None:
+        raise ConfigError("--classifier is the classifier of --classifier-guidance; give that too")
+    if args.per_class is not None and args.per_class < 1:
+        raise ConfigError("--per-class must be >= 1")
+    check_classifier_free(trained.model, args.guidance)
+    options: dict[str, Any] = {"guidance_scale": args.guidance}
+    record: dict[str, Any] = {"guidance": args.guidance}
+    classifier = None
+    if args.classifier_guidance is not None:
+        classifier, path = load_guiding_classifier(trained.config.dataset, args.guidance_form, args.classifier, device=device)
+        options.update(classifier=classifier, classifier_scale=args.classifier_guidance, guidance_form=args.guidance_form)
+        record.update(classifier_guidance=args.classifier_guidance, guidance_form=args.guidance_form, classifier=str(path))
+    classes = resolve_classes(args.classes, num_guided_classes(trained.model, classifier))
+    if args.per_class is not None:
+        labels = class_labels(classes, args.per_class)
+    else:  # --num images, one block per class (the last block may be shorter)
+        labels = class_labels(classes, -(-args.num // len(classes)))[: args.num]
+    options["labels"] = labels
+    record["labels"] = labels.numpy()
+    return options, record
+
+
+def _add_guidance_sweep_command(commands: Any) -> None:
+    from .evaluation import FEATURE_KINDS
+    from .sweeps import SWEEP_KINDS
+
+    sweep = commands.add_parser(
+        "guidance-sweep", help="class accuracy, FID, precision and recall against the guidance scale",
+        description="For each scale, sample --per-class images of each class, with the same seed at every scale; "
+                    "the dataset's clean classifier judges whether each is of the class asked for; FID, precision "
+                    "and recall are against the test split. Writes OUT/guidance-sweep.json and .png.",
+    )
+    sweep.add_argument("run", type=Path, help="run directory (latest checkpoint) or a checkpoint file")
+    sweep.add_argument("--kind", required=True, choices=SWEEP_KINDS,
+                       help="classifier-free: the scales are w of eq. 6 (conditional model); classifier: they are lambda")
+    sweep.add_argument("--scales", type=_float_list, required=True, help="guidance scales, e.g. 0,1,2,4,8")
+    sweep.add_argument("--class", dest="classes", type=_class_list, default="all", metavar="CLASSES", help=_CLASS_HELP + " (default all)")
+    sweep.add_argument("--per-class", type=int, default=20, metavar="N", help="images per class and scale (default 20)")
+    sweep.add_argument("--features", default="classifier", choices=FEATURE_KINDS, help="FID feature space (default: the dataset's classifier)")
+    sweep.add_argument("--out", type=Path, default=None, help="output folder (default RUN/guidance-KIND)")
+    _add_guiding_classifier_flags(sweep)
+    _add_model_run_flags(sweep)
+    _add_sampler_flags(sweep)
+    sweep.set_defaults(handler=_cmd_guidance_sweep)
+
+
+def _cmd_guidance_sweep(args: argparse.Namespace) -> int:
+    from .sweeps import format_sweep_table, sweep_run
+
+    if args.batch_size < 1:
+        raise ConfigError("--batch-size must be >= 1")
+    if args.classifier is not None and args.kind != "classifier":
+        raise ConfigError("--classifier is the guiding classifier of --kind classifier")
+    out = args.out or (args.run if args.run.is_dir() else args.run.parent) / f"guidance-{args.kind}"
+    results, json_path, plot_path = sweep_run(
+        args.run, out, kind=args.kind, scales=args.scales, classes=args.classes, per_class=args.per_class,
+        guide_classifier_path=args.classifier, guidance_form=args.guidance_form, features=args.features,
+        ema=args.ema, seed=args.seed, batch_size=args.batch_size, device=_device(args.device), **sampler_kwargs(args),
+    )
+    print(format_sweep_table(results))
+    print(f"ddpm: results {json_path}\nddpm: plot {plot_path}")
+    return 0
+
+
+# --- evaluation -------------------------------------------------------------------------
+
+def _add_evaluation_commands(commands: Any) -> None:
+    from .classifier import DEFAULT_EPOCHS
+    from .evaluation import FEATURE_KINDS, INCEPTION_WEIGHTS_FILE
+    from .schedules import SCHEDULE_NAMES
+
+    classifier = commands.add_parser(
+        "train-classifier", help="train the classifier whose features FID uses (--noisy: the one that guides)",
+        description="Train a small CNN on a dataset's images outside its test split, report its test accuracy, "
+                    "and save it (model.safetensors + config.json).",
+    )
+    classifier.add_argument("--dataset", required=True, help=_HELP["dataset"])
+    classifier.add_argument("--out", type=Path, default=None,
+                            help="new directory to save into (default: the cache, replacing the dataset's classifier there; "
+                                 "ddpm fid and ddpm train find it by dataset name)")
+    classifier.add_argument("--noisy", action="store_true", help="time-conditioned, trained on noised x_t: for classifier guidance")
+    classifier.add_argument("--schedule", default=None, choices=SCHEDULE_NAMES, help="--noisy only: the noise schedule (default: ddpm train's)")
+    classifier.add_argument("--num-steps", type=int, default=None, help="--noisy only: T of the schedule, as the diffusion model's (default: ddpm train's)")
+    classifier.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"default {DEFAULT_EPOCHS}")
+    classifier.add_argument("--data-dir", default=None)
+    classifier.add_argument("--image-size", type=int, default=None, help="folder: datasets only")
+    classifier.add_argument("--channels", type=int, default=None, help="folder: datasets only")
+    classifier.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    classifier.set_defaults(handler=_cmd_train_classifier)
+
+    fid = commands.add_parser(
+        "fid", help="FID, precision and recall of a model's samples against its dataset's splits",
+        description="Sample --num images (batched), extract features, compare them with each --against split; print the "
+                    "result and write it with its provenance as JSON. Finished batches are kept in OUT-STEM-work/ beside "
+                    "--out: rerun with the same arguments, an interrupted evaluation resumes where it stopped.",
+    )
+    fid.add_argument("run", type=Path, help="run directory (latest checkpoint) or a checkpoint file")
+    fid.add_argument("--num", type=int, default=8192, help="generated images (default 8192, as the poster)")
+    fid.add_argument("--against", type=_split_list, default=("train", "test"), help="reference splits (default train,test)")
+    fid.add_argument("--features", default="classifier", choices=FEATURE_KINDS,
+                     help="classifier (default): the dataset's classifier (ddpm train-classifier); inception: the standard FID Inception-v3")
+    fid.add_argument("--classifier", type=Path, default=None, help="feature classifier directory (default: the dataset's cached one)")
+    fid.add_argument("--inception-weights", type=Path, default=None, help=f"the file {INCEPTION_WEIGHTS_FILE} (default: cache, else download)")
+    fid.add_argument("--out", type=Path, default=Path("fid.json"), help="JSON result (default fid.json)")
+    fid.add_argument("--real-vs-real", action="store_true", help="also the FID of the train split against the test split: the floor")
+    fid.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_model_run_flags(fid)
+    _add_sampler_flags(fid)
+    fid.set_defaults(handler=_cmd_fid)
+
+
+def _split_list(text: str) -> tuple[str, ...]:
+    from .data import SPLITS
+
+    splits = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not splits or any(split not in SPLITS for split in splits):
+        raise argparse.ArgumentTypeError(f"expected comma-separated splits out of {', '.join(SPLITS)}, got {text!r}")
+    return splits
+
+
+def _cmd_train_classifier(args: argparse.Namespace) -> int:
+    from .classifier import train_and_cache_classifier
+    from .schedules import make_schedule
+
+    if not args.noisy and (args.schedule or args.num_steps):
+        raise ConfigError("--schedule and --num-steps describe the noise of a --noisy classifier; add --noisy or drop them")
+    if args.out is not None and args.out.exists() and any(args.out.iterdir()):
+        raise ConfigError(f"{args.out} already exists and is not empty; choose another --out")
+    schedule = None
+    if args.noisy:
+        defaults = TrainConfig()
+        schedule = make_schedule(args.schedule or defaults.schedule, defaults.num_steps if args.num_steps is None else args.num_steps)
+    directory, report = train_and_cache_classifier(
+        args.dataset, noisy=args.noisy, data_dir=args.data_dir, image_size=args.image_size, channels=args.channels,
+        schedule=schedule, device=_device(args.device), out=args.out, epochs=args.epochs,
+    )
+    noised = " noised at uniformly drawn steps" if args.noisy else ""
+    print(f"ddpm: test accuracy {report['test_accuracy']:.4f} on {report['test_images']} {report['dataset']} {report['test_split']} images{noised}")
+    if args.noisy:
+        by_index = ", ".join(f"t={index}: {value:.4f}" for index, value in report["accuracy_at_index"].items())
+        print(f"ddpm: accuracy at step index {by_index}")
+    print(f"ddpm: trained in {report['train_seconds']:.1f} s ({report['epochs']} epochs on {report['train_images']} images, {report['device']})")
+    print(f"ddpm: saved {directory}")
+    return 0
+
+
+def _cmd_fid(args: argparse.Namespace) -> int:
+    import json
+
+    from .checkpoint import load_trained_model
+    from .evaluation import load_extractor, model_fid
+
+    if args.out.suffix.lower() != ".json":
+        raise ConfigError(f"--out must name a .json file, got {args.out}")
+    if (args.features == "classifier" and args.inception_weights) or (args.features == "inception" and args.classifier):
+        raise ConfigError("--classifier goes with --features classifier, --inception-weights with --features inception")
+    device = _device(args.device)
+    trained = load_trained_model(args.run, ema=args.ema, device=device)
+    extractor = load_extractor(args.features, trained.config.dataset, path=args.classifier or args.inception_weights, device=device)
+    result = model_fid(
+        trained, extractor, num=args.num, against=args.against, batch_size=args.batch_size, seed=args.seed, device=device,
+        work_dir=args.out.with_name(args.out.stem + "-work"), progress=not args.no_progress, floor=args.real_vs_real,
+        **sampler_kwargs(args),
+    )
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    for split, metrics in result["splits"].items():
+        print(f"ddpm: {split}: FID {metrics['fid']:.3f}, precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f} "
+              f"({result['num_generated']} generated vs {result['reference_images'][split]} real images)")
+    if args.real_vs_real:
+        floor = result["real_vs_real"]
+        for split, metrics in floor["splits"].items():
+            print(f"ddpm: floor, {floor['compared']} vs {split}: FID {metrics['fid']:.3f}, precision {metrics['precision']:.3f}, "
+                  f"recall {metrics['recall']:.3f} (real images only)")
+    settings = result["settings"]
+    print(f"ddpm: {result['extractor']} features (SHA-256 {result['extractor_sha256'][:12]}...), {settings['weights']} weights of "
+          f"{settings['checkpoint']} (step {settings['step']}), {settings['sampler']} sampler, {settings['steps']} steps, "
+          f"seed {settings['seed']}; {result['wall_seconds']:.0f} s")
+    print(f"ddpm: wrote {args.out}")
+    return 0
+
+
+# --- figures, ablation, report ------------------------------------------------------------
+
+def _add_experiment_commands(commands: Any) -> None:
+    figures = commands.add_parser("figures", help="draw the forward or reverse process (PNG)")
+    kinds = figures.add_subparsers(dest="figure", required=True, metavar="KIND")
+    forward = kinds.add_parser("forward", help="x_t at evenly spaced t for a few images, per schedule, and abar_t")
+    forward.add_argument("--dataset", required=True, help=_HELP["dataset"])
+    forward.add_argument("--schedule", type=_name_list, default=("linear", "cosine"), help="comma-separated schedules (default linear,cosine)")
+    forward.add_argument("--num-steps", type=int, default=1000, help="T (default 1000)")
+    forward.add_argument("--num-images", type=int, default=4, help="images, one per class (default 4)")
+    forward.add_argument("--frames", type=int, default=10, help="values of t per strip (default 10)")
+    forward.add_argument("--data-dir", default=None)
+    forward.add_argument("--seed", type=int, default=0)
+    forward.add_argument("--out", type=Path, default=Path("figures"), help="folder (default figures/)")
+    forward.set_defaults(handler=_cmd_figures_forward)
+    reverse = kinds.add_parser("reverse", help="the denoising trajectory: x_t and predicted x0 at chosen steps")
+    reverse.add_argument("run", type=Path, help="run directory (latest checkpoint, EMA weights) or a checkpoint file")
+    reverse.add_argument("--num-images", type=int, default=4, help="trajectories, one pair of rows each (default 4)")
+    reverse.add_argument("--frames", type=int, default=10, help="steps shown, evenly spaced over the sampler's (default 10)")
+    reverse.add_argument("--seed", type=int, default=0)
+    reverse.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    reverse.add_argument("--out", type=Path, default=None, help="PNG path (default RUN/reverse-SAMPLER-STEPS.png)")
+    _add_sampler_flags(reverse)
+    reverse.set_defaults(handler=_cmd_figures_reverse)
+
+    ablation = commands.add_parser(
+        "ablation", help="train and evaluate schedule x attention combinations (the poster's ablation)",
+        description="Train each combination into OUT/<schedule>-<attn|noattn> (a finished run is skipped, an "
+        "unfinished one resumed), then FID, precision and recall against train and test on the features of the "
+        "dataset's classifier (ddpm train-classifier). Writes OUT/ablation.json.",
+    )
+    ablation.add_argument("--config", type=Path, help="TOML file of TrainConfig keys shared by every run (e.g. a smaller model)")
+    ablation.add_argument("--dataset", default=None, help=_HELP["dataset"])
+    ablation.add_argument("--epochs", type=int, default=None, help="training epochs of every run")
+    ablation.add_argument("--schedules", type=_name_list, default=("linear", "cosine"), help="default linear,cosine")
+    ablation.add_argument("--attention", type=_name_list, default=("on", "off"), help="on, off or both (default on,off)")
+    ablation.add_argument("--num-fid", type=int, default=8192, help="generated images per FID (default 8192, the poster's)")
+    ablation.add_argument("--fid-batch-size", type=int, default=256, help="images per sampling batch")
+    ablation.add_argument("--out", type=Path, required=True, help="folder of the runs and ablation.json")
+    ablation.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_sampler_flags(ablation)
+    ablation.set_defaults(handler=_cmd_ablation)
+
+    report = commands.add_parser("report", help="one self-contained HTML page (and Markdown) of a folder of runs")
+    report.add_argument("runs", type=Path, help="folder with runs, ablation.json files and figures")
+    report.add_argument("--out", type=Path, default=None, help="folder for report.html and report.md (default RUNS)")
+    report.set_defaults(handler=_cmd_report)
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _cmd_figures_forward(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import load_dataset
+    from .figures import forward_process_figure
+    from .schedules import make_schedule
+
+    if args.num_images < 1 or args.frames < 1:
+        raise ConfigError("--num-images and --frames must be >= 1")
+    schedules = [make_schedule(name, args.num_steps) for name in args.schedule]
+    dataset = load_dataset(args.dataset, "train", data_dir=args.data_dir)
+    # The first image of each class, so that the strips show different digits.
+    classes = torch.unique(dataset.labels)[: args.num_images]
+    chosen = torch.stack([torch.nonzero(dataset.labels == label)[0, 0] for label in classes])
+    for path in forward_process_figure(dataset.images[chosen], schedules, args.out, num_frames=args.frames, seed=args.seed):
+        print(f"ddpm: wrote {path}")
+    return 0
+
+
+def _cmd_figures_reverse(args: argparse.Namespace) -> int:
+    from .checkpoint import load_trained_model
+    from .figures import reverse_process_figure
+
+    if args.num_images < 1 or args.frames < 1:
+        raise ConfigError("--num-images and --frames must be >= 1")
+    device = _device(args.device)
+    trained = load_trained_model(args.run, ema=True, device=device)
+    kwargs = sampler_kwargs(args)
+    run_dir = args.run if args.run.is_dir() else trained.path.parent.parent
+    out = args.out or run_dir / f"reverse-{args.sampler}-{args.steps or trained.schedule.num_steps}.png"
+    path = reverse_process_figure(
+        trained.model, trained.schedule, trained.image_shape, out, num_images=args.num_images,
+        num_frames=args.frames, seed=args.seed, **kwargs,
+    )
+    print(f"ddpm: wrote {path}")
+    return 0
+
+
+def _cmd_ablation(args: argparse.Namespace) -> int:
+    from .ablation import run_ablation
+
+    if args.num_fid < 2 or args.fid_batch_size < 1:
+        raise ConfigError("--num-fid must be >= 2 and --fid-batch-size >= 1")
+    base = resolve_config(args.config, {"dataset": args.dataset, "epochs": args.epochs})
+    rows = run_ablation(
+        base, args.out, schedules=args.schedules, attentions=args.attention, num_fid=args.num_fid,
+        sampling=sampler_kwargs(args), seed=base.seed, batch_size=args.fid_batch_size,
+        device=_device(base.device), progress=not args.no_progress,
+    )
+    print(f"ddpm: {len(rows)} combination(s); table {args.out / 'ablation.json'}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    for path in write_report(args.runs, args.out):
+        print(f"ddpm: wrote {path}")
     return 0

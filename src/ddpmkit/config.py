@@ -61,6 +61,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # gradient-norm clip, 0 = off; Ho et al.'s released code uses 1
     ema_decay: float = 0.9999
     precision: Precision = "fp32"
+    compile: bool = False  # torch.compile the model: opt-in, compiling takes minutes (benchmarks/README.md)
     # run
     seed: int = 0
     device: Device = "auto"
@@ -71,6 +72,7 @@ class TrainConfig:
     preview_sampler: SamplerName = "ddim"  # cheap settings for per-epoch grids and FID
     preview_steps: int = 50
     fid_batches: int = 5  # the poster: FID on 5 validation minibatches per epoch; 0 = off
+    tensorboard: bool = False  # also log metrics and sample grids to RUN_DIR/tensorboard
 
     def __post_init__(self) -> None:
         for name, annotation in typing.get_type_hints(TrainConfig).items():

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import time
 import zipfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -38,12 +40,13 @@ import pooch
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
-from .checkpoint import _write_atomically, load_weights
+from .checkpoint import TrainedModel, load_weights, write_atomically
 from .classifier import cache_root, find_classifier, load_classifier, safe_name
-from .data import ImageDataset, to_model_range, to_uint8
+from .data import ImageDataset, Split, load_dataset, to_model_range, to_uint8
 from .errors import CheckpointError, ConfigError, DdpmError
-from .samplers import sample_batches
+from .samplers import DEFAULT_SPACING, sample_batches
 from .schedules import NoiseSchedule
 
 FeatureKind = Literal["classifier", "inception"]
@@ -260,7 +263,7 @@ def _write_file(path: Path, write: Callable[[Any], object]) -> None:
         with temporary.open("wb") as handle:
             write(handle)
 
-    _write_atomically(path, write_temporary)
+    write_atomically(path, write_temporary)
 
 
 # --- FID of generated images ---------------------------------------------------------------------
@@ -377,6 +380,59 @@ def _open_store(store: Path, fingerprint: dict[str, Any]) -> list[np.ndarray]:
         except (OSError, ValueError):
             break  # written atomically, so only a damaged disk gets here: redo from this batch
     return finished
+
+
+def model_fid(
+    trained: TrainedModel,
+    extractor: FeatureExtractor,
+    *,
+    num: int,
+    against: Sequence[Split] = ("train", "test"),
+    batch_size: int = 256,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    work_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+    floor: bool = False,
+    **sample_kwargs: Any,
+) -> dict[str, Any]:
+    """What ``ddpm fid`` computes: compute_fid of ``num`` samples of a trained model against
+    the splits ``against`` of the dataset it was trained on (as its config reads it); with
+    ``floor``, also real_vs_real of its train split against its test split ("real_vs_real").
+
+    ``sample_kwargs`` go to samplers.sample (sampler, steps, eta, variance, spacing, ...).
+    The settings in the result name the checkpoint, its step, EMA or raw weights, the
+    seed and batch size (batch k is drawn with seeded_generator(seed, k)) and the sampler
+    options with their defaults filled in (steps None = all num_steps). ``work_dir`` makes
+    the run resumable (compute_fid). "wall_seconds" is the time this call took.
+    """
+    started = time.perf_counter()
+    if num < 2 or batch_size < 1:  # checked before any dataset is read
+        raise ConfigError(f"need num >= 2 and batch_size >= 1, got {num} and {batch_size}")
+    config = trained.config
+    splits = {
+        split: load_dataset(config.dataset, split, data_dir=config.data_dir, image_size=config.image_size, channels=config.channels, seed=config.seed)
+        for split in dict.fromkeys([*against, *(("train", "test") if floor else ())])
+    }
+    steps = sample_kwargs.pop("steps", None)
+    sample_kwargs = {"spacing": DEFAULT_SPACING, **sample_kwargs, "steps": trained.schedule.num_steps if steps is None else steps}
+    num_batches = math.ceil(num / batch_size)
+
+    def generate(start_batch: int) -> Iterable[torch.Tensor]:
+        batches = sample_batches(
+            trained.model, trained.schedule, num, batch_size, trained.image_shape, seed=seed, start_batch=start_batch, device=device, **sample_kwargs
+        )
+        return tqdm(batches, total=num_batches, initial=start_batch, unit="batch", desc="sampling", disable=not progress)
+
+    settings = {
+        "checkpoint": str(trained.path.resolve()), "step": trained.step, "weights": "EMA" if trained.ema else "raw",
+        "seed": seed, "batch_size": batch_size, **sample_kwargs,
+    }
+    result = compute_fid(generate, num, extractor, [splits[split] for split in against], settings=settings, work_dir=work_dir, cache_dir=cache_dir)
+    if floor:
+        result["real_vs_real"] = real_vs_real(splits["train"], splits["test"], extractor, cache_dir=cache_dir)
+    return {**result, "device": str(device), "wall_seconds": round(time.perf_counter() - started, 1)}
 
 
 def real_vs_real(

@@ -74,14 +74,19 @@ treats the samples of a batch independently (true in eval mode).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 
 from .errors import ConfigError
 from .schedules import NoiseSchedule, _gather
+
+if TYPE_CHECKING:  # classifier.py imports samplers.py, which imports this module
+    from .classifier import Classifier
+    from .unet import UNet
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(x_t, t) -> predicted eps, with t the int64 original step indices of shape (B,)."""
@@ -224,3 +229,50 @@ def _check_time_conditioning(classifier: Callable[..., torch.Tensor], form: Guid
     if form == "poster":
         raise ConfigError("guidance_form 'poster' calls a classifier of clean images; this one is time-conditioned (noisy)")
     raise ConfigError("guidance_form 'guided-diffusion' needs a time-conditioned (noisy) classifier; this one is for clean images")
+
+
+# --- which classes, and which classifier guides: shared by ``ddpm sample`` and sweeps ------------
+
+def class_labels(classes: Sequence[int], per_class: int) -> torch.Tensor:
+    """int64 labels: ``per_class`` of the first class, then of the next (one grid row per class)."""
+    return torch.tensor(list(classes), dtype=torch.int64).repeat_interleave(per_class)
+
+
+def num_guided_classes(model: UNet, classifier: Classifier | None) -> int:
+    """How many classes labels may name: the conditional UNet's, else the guiding classifier's."""
+    if is_conditional(model):
+        return model.config.num_classes
+    if classifier is not None:
+        return classifier.config.num_classes
+    raise ConfigError("class labels need a conditional model (trained with --conditional) or classifier guidance")
+
+
+def resolve_classes(classes: Sequence[int] | Literal["all"], num_classes: int) -> list[int]:
+    """``classes`` checked to lie in 0 .. num_classes - 1; "all" is every class."""
+    if classes == "all":
+        return list(range(num_classes))
+    outside = [c for c in classes if not 0 <= c < num_classes]
+    if outside:
+        raise ConfigError(f"class(es) {outside or '(none)'} out of range: the classes are 0 .. {num_classes - 1}")
+    return list(classes)
+
+
+def load_guiding_classifier(
+    dataset: str, form: GuidanceForm, path: str | Path | None = None, *, device: str | torch.device = "cpu"
+) -> tuple[Classifier, Path]:
+    """The classifier that guides in ``form``, and where it was read from: ``path``, else the
+    dataset's cached one, noisy (time-conditioned) for "guided-diffusion", clean for "poster"."""
+    from .classifier import find_classifier, load_classifier  # see _check_time_conditioning
+
+    if form not in GUIDANCE_FORMS:
+        raise ConfigError(f"unknown guidance_form {form!r}; choose one of {', '.join(GUIDANCE_FORMS)}")
+    directory = Path(path) if path is not None else find_classifier(dataset, noisy=form == "guided-diffusion")
+    classifier, _ = load_classifier(directory, device=device)
+    _check_time_conditioning(classifier, form)
+    return classifier, directory
+
+
+def check_classifier_free(model: Callable[..., torch.Tensor], guidance_scale: float) -> None:
+    """Classifier-free guidance (w > 0) needs a model trained with label dropout: say so up front."""
+    if guidance_scale > 0 and not is_conditional(model):
+        raise ConfigError("classifier-free guidance needs a conditional model (trained with --conditional); this one is unconditional")

@@ -14,6 +14,9 @@ differ in guidance only, not in the initial noise), and scores them:
 
 Samples are quantised to uint8 first, for the judge as for the FID features, so that
 both score the images a user would save.
+
+``sweep_run`` does this for a trained run, as ``ddpm guidance-sweep`` does: the judge is
+the dataset's cached clean classifier, the reference its test split.
 """
 
 from __future__ import annotations
@@ -26,10 +29,20 @@ from typing import Any, Literal, get_args
 import numpy as np
 import torch
 
-from .data import to_model_range, to_uint8
+from .checkpoint import load_trained_model
+from .classifier import find_classifier, load_classifier
+from .data import load_dataset, to_model_range, to_uint8
 from .errors import ConfigError
-from .evaluation import FeatureExtractor, Reference, compare
-from .guidance import DEFAULT_GUIDANCE_FORM, GuidanceForm
+from .evaluation import FeatureExtractor, FeatureKind, Reference, compare, load_extractor, reference_features
+from .guidance import (
+    DEFAULT_GUIDANCE_FORM,
+    GuidanceForm,
+    check_classifier_free,
+    class_labels,
+    load_guiding_classifier,
+    num_guided_classes,
+    resolve_classes,
+)
 from .samplers import SamplerName, sample_batches
 from .schedules import NoiseSchedule
 
@@ -71,7 +84,7 @@ def guidance_sweep(
         raise ConfigError("a guide_classifier is needed for kind 'classifier', and only there")
     if not scales or not classes or per_class < 1:
         raise ConfigError(f"need at least one scale and one class, and per_class >= 1, got {per_class}")
-    labels = torch.tensor(list(classes), dtype=torch.int64).repeat_interleave(per_class)
+    labels = class_labels(classes, per_class)
     results = []
     for scale in scales:
         if kind == "classifier-free":
@@ -103,6 +116,73 @@ def _score(
         with torch.inference_mode():
             predictions.append(judge(to_model_range(images)).argmax(dim=1).cpu())
     return np.concatenate(features), torch.cat(predictions)
+
+
+def sweep_run(
+    run: str | Path,
+    out_dir: str | Path,
+    *,
+    kind: SweepKind,
+    scales: Sequence[float],
+    per_class: int,
+    classes: Sequence[int] | Literal["all"] = "all",
+    guide_classifier_path: str | Path | None = None,
+    guidance_form: GuidanceForm = DEFAULT_GUIDANCE_FORM,
+    features: FeatureKind = "classifier",
+    ema: bool = True,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    **sample_kwargs: Any,
+) -> tuple[list[dict[str, float | int]], Path, Path]:
+    """What ``ddpm guidance-sweep RUN`` does: ``guidance_sweep`` on a trained run, judged by
+    the dataset's cached clean classifier, against the features of its test split; writes
+    ``guidance-sweep.json`` and ``guidance-sweep.png`` into ``out_dir``.
+
+    Returns the rows and the two paths. The guiding classifier (kind "classifier") is
+    ``guide_classifier_path`` or the dataset's cached one (guidance.load_guiding_classifier).
+    ``features`` picks the FID feature space (evaluation.load_extractor); ``sample_kwargs``
+    (sampler, steps, eta, ...) go to ``sample``.
+    """
+    trained = load_trained_model(run, ema=ema, device=device)
+    config = trained.config
+    guide = guide_path = None
+    if kind == "classifier":
+        guide, guide_path = load_guiding_classifier(config.dataset, guidance_form, guide_classifier_path, device=device)
+    else:
+        check_classifier_free(trained.model, max(scales, default=0.0))
+    classes = resolve_classes(classes, num_guided_classes(trained.model, guide))
+    judge_path = find_classifier(config.dataset)
+    judge, judge_meta = load_classifier(judge_path, device=device)
+    extractor = load_extractor(features, config.dataset, device=device)
+    test = load_dataset(config.dataset, "test", data_dir=config.data_dir, image_size=config.image_size,
+                        channels=config.channels, seed=config.seed)
+    reference = reference_features(test, extractor)
+    results = guidance_sweep(
+        trained.model, trained.schedule, trained.image_shape, kind=kind, scales=scales, classes=classes,
+        per_class=per_class, judge=judge, extractor=extractor, reference=reference, seed=seed,
+        batch_size=batch_size, guide_classifier=guide, guidance_form=guidance_form, **sample_kwargs,
+    )
+    settings = {
+        "checkpoint": str(trained.path), "step": trained.step, "ema": trained.ema, "kind": kind,
+        "classes": classes, "per_class": per_class, "seed": seed, **sample_kwargs,
+        **({"guidance_form": guidance_form, "guide_classifier": str(guide_path)} if guide is not None else {}),
+        "judge": str(judge_path), "judge_sha256": judge_meta["weights_sha256"],
+        "reference": reference.name, "reference_images": len(reference.features), **extractor.provenance(),
+    }
+    out_dir = Path(out_dir)
+    json_path = write_guidance_sweep(results, out_dir / "guidance-sweep.json", settings=settings)
+    return results, json_path, plot_guidance_sweep(results, out_dir / "guidance-sweep.png")
+
+
+def format_sweep_table(results: list[dict[str, float | int]]) -> str:
+    """The rows as a fixed-width text table, one line per scale."""
+    lines = [f"{'scale':>7} {'accuracy':>9} {'FID':>9} {'precision':>10} {'recall':>7}"]
+    lines += [
+        f"{row['scale']:>7g} {row['accuracy']:>9.3f} {row['fid']:>9.3f} {row['precision']:>10.3f} {row['recall']:>7.3f}"
+        for row in results
+    ]
+    return "\n".join(lines)
 
 
 def write_guidance_sweep(results: list[dict[str, float | int]], path: str | Path, *, settings: Mapping[str, Any]) -> Path:

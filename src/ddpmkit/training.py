@@ -13,6 +13,7 @@ at barriers. The learning rate is never rescaled with the number of processes.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 import signal
@@ -34,13 +35,17 @@ from .checkpoint import (
     load_checkpoint,
     load_weights,
     prune_checkpoints,
+    remove_torn_writes,
     save_checkpoint,
     step_checkpoint_path,
+    write_atomically,
 )
+from .classifier import find_classifier
 from .config import TrainConfig, config_from_dict
-from .data import ImageDataset, dataset_info, load_dataset, to_model_range
-from .errors import CheckpointError, ConfigError, TrainingError
-from .figures import save_image_grid
+from .data import DatasetInfo, ImageDataset, dataset_info, load_dataset, to_model_range
+from .errors import CheckpointError, ConfigError, DdpmError, TrainingError
+from .evaluation import FeatureExtractor, classifier_extractor, minibatch_fid
+from .figures import image_grid, save_image_grid
 from .samplers import sample, seeded_generator
 from .schedules import NoiseSchedule, make_schedule
 from .unet import UNet, UNetConfig
@@ -48,11 +53,12 @@ from .unet import UNet, UNetConfig
 # Changing only these keys is allowed when resuming a run; everything else would make
 # the resumed run a different experiment.
 RESUMABLE_KEYS = frozenset(
-    {"epochs", "max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "device", "sample_every_epoch", "fid_batches"}
+    {"epochs", "max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "device", "sample_every_epoch", "fid_batches",
+     "tensorboard", "compile"}
 )
 _PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 # Distinct streams for the seeded generators (an arbitrary fixed tag per purpose).
-_STREAM_EPOCH_ORDER, _STREAM_STEP, _STREAM_VALIDATION, _STREAM_PREVIEW = 1, 2, 3, 4
+_STREAM_EPOCH_ORDER, _STREAM_STEP, _STREAM_VALIDATION, _STREAM_PREVIEW, _STREAM_FID = 1, 2, 3, 4, 5
 
 
 @dataclass
@@ -115,17 +121,31 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
     Everything that can be checked is checked before data is loaded or a model built.
     """
     from accelerate import Accelerator  # heavy import, only where training happens
+    from accelerate.state import AcceleratorState
 
     run_dir = Path(run_dir)
     check_run_dir(run_dir, resume)
     info = dataset_info(config.dataset, data_dir=config.data_dir, image_size=config.image_size, channels=config.channels)
     model_config = model_config_for(config, info.channels, info.num_classes)
     UNet.check_input_size(model_config, info.image_size, info.channels)
+    if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("--tensorboard needs the tensorboard package: pip install 'ddpmkit[tensorboard]'")
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but torch sees no CUDA device")
+    on_cpu = config.device == "cpu" or not torch.cuda.is_available()
+    if on_cpu and config.precision == "fp16":
+        # Accelerate has no fp16 loss scaler on CPU and silently trains in fp32 there: an
+        # overflow would be neither skipped by a scaler nor stopped, and poison the weights.
+        raise ConfigError("--precision fp16 needs a CUDA device (Accelerate has no fp16 loss scaling on CPU); use bf16 or fp32")
+    # Accelerate keeps one state per process and refuses a second Accelerator with other
+    # settings (a notebook training in fp32, then bf16), or after end_training() destroyed
+    # the process group. Every train() call is a run of its own, so start from a clean
+    # state; an existing process group is reused (Accelerate only creates one if none is).
+    AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(
-        cpu=config.device == "cpu" or not torch.cuda.is_available(),
+        cpu=on_cpu,
         mixed_precision=_PRECISION_TO_ACCELERATE[config.precision],
+        dynamo_backend="inductor" if config.compile else "no",
     )
     world = accelerator.num_processes
     if config.batch_size % (world * config.grad_accum):
@@ -135,6 +155,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
     micro_batch = config.batch_size // (world * config.grad_accum)
     main = accelerator.is_main_process
     schedule = make_schedule(config.schedule, config.num_steps)
+    fid_extractor = _fid_extractor(config, info, accelerator.device, main)
 
     data_kwargs = dict(data_dir=config.data_dir, image_size=config.image_size, channels=config.channels, seed=config.seed)
     train_set = load_dataset(config.dataset, "train", **data_kwargs)
@@ -145,7 +166,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
 
     torch.manual_seed(config.seed)  # identical initial weights on every process
     model = UNet.from_config(model_config)
-    ema = copy.deepcopy(model).requires_grad_(False)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()  # never trained: always in eval mode
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     position = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_loss": None, "skipped_steps": 0}
     if resume:
@@ -163,8 +184,8 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
     train_labels = train_set.labels.to(accelerator.device)
 
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(config.to_json())
+        remove_torn_writes(run_dir)
+        write_atomically(run_dir / "config.json", lambda temporary: temporary.write_text(config.to_json()), what="run config")
         _truncate_metrics(run_dir / "metrics.jsonl", position["step"])
         print(f"ddpmkit: training config\n{config.to_json()}")
         print(
@@ -178,7 +199,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
         if main:
             save_checkpoint(
                 path,
-                model=accelerator.unwrap_model(model).state_dict(),
+                model=accelerator.unwrap_model(model, keep_torch_compile=False).state_dict(),
                 ema=ema.state_dict(),
                 optimizer=optimizer.state_dict(),
                 rng_states=_rng_states(),
@@ -195,7 +216,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
     window_loss, window_steps, window_images, window_start = torch.zeros((), device=accelerator.device), 0, 0, time.perf_counter()
     last_checkpoint = latest_checkpoint(run_dir) if resume else None
     val_loss = None
-    with stop.installed():
+    with stop.installed(), _tensorboard_writer(config, run_dir, main, position["step"]) as tensorboard:
         while position["step"] < total_steps and not stop.requested:
             epoch = position["epoch"]
             order = torch.randperm(len(train_set), generator=seeded_generator(config.seed, _STREAM_EPOCH_ORDER, epoch))
@@ -210,7 +231,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
                 if loss is None:  # fp16 loss scaling skipped this step (overflow)
                     position["skipped_steps"] += 1
                 else:
-                    _update_ema(ema, accelerator.unwrap_model(model), config.ema_decay, step)
+                    _update_ema(ema, accelerator.unwrap_model(model, keep_torch_compile=False), config.ema_decay, step)
                     window_loss += loss
                     window_steps += 1
                 position.update(step=step, batch_in_epoch=position["batch_in_epoch"] + 1)
@@ -220,7 +241,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
                     mean_loss = accelerator.reduce(window_loss, "mean").item() / max(1, window_steps)
                     speed = window_images / (time.perf_counter() - window_start)
                     bar.set_postfix(epoch=epoch, loss=f"{mean_loss:.4f}", img_s=f"{speed:.0f}")
-                    _log(main, run_dir, {"step": step, "epoch": epoch, "train_loss": mean_loss, "lr": config.lr, "images_per_s": speed})
+                    _log(main, run_dir, {"step": step, "epoch": epoch, "train_loss": mean_loss, "lr": config.lr, "images_per_s": speed}, tensorboard)
                     window_loss.zero_()
                     window_steps, window_images, window_start = 0, 0, time.perf_counter()
                 if stop.check(accelerator):
@@ -239,9 +260,15 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
                 if main and config.sample_every_epoch:
                     grid = run_dir / "samples" / f"epoch-{epoch:03d}.png"
                     preview = _preview_samples(ema, schedule, config, (info.channels, info.image_size, info.image_size), accelerator.device)
-                    save_image_grid(preview, grid)
+                    with _writing(grid):
+                        save_image_grid(preview, grid)
                     record["samples"] = str(grid.relative_to(run_dir))
-                _log(main, run_dir, record)
+                    if tensorboard is not None:
+                        tensorboard.add_image("samples", image_grid(preview), position["step"], dataformats="HWC")
+                # Sampled on the main process only; the others wait at write_checkpoint's barrier.
+                if main and fid_extractor is not None:
+                    record["fid"] = _epoch_fid(ema, schedule, val_set, fid_extractor, config, accelerator.device)
+                _log(main, run_dir, record, tensorboard)
                 is_best = position["best_val_loss"] is None or val_loss < position["best_val_loss"]
                 if is_best:
                     position["best_val_loss"] = val_loss
@@ -371,6 +398,47 @@ def _preview_samples(ema: torch.nn.Module, schedule: NoiseSchedule, config: Trai
     return images
 
 
+def _fid_extractor(config: TrainConfig, info: DatasetInfo, device: torch.device, main: bool) -> FeatureExtractor | None:
+    """The classifier features of the per-epoch FID; None (off) when fid_batches is 0, or
+    when no classifier of the dataset is cached, which one notice then says."""
+    if not config.fid_batches:
+        return None
+    try:
+        path = find_classifier(config.dataset)
+    except DdpmError as missing:
+        if main:
+            print(f"ddpmkit: per-epoch FID off: {missing}")
+        return None
+    extractor = classifier_extractor(path, device=device)
+    # One blank image through it now, so that a classifier made for another image size
+    # or channel count fails before training, not at the end of the first epoch.
+    extractor(torch.zeros((1, info.channels, info.image_size, info.image_size), dtype=torch.uint8))
+    return extractor
+
+
+def _epoch_fid(
+    ema: torch.nn.Module, schedule: NoiseSchedule, val_set: ImageDataset, extractor: FeatureExtractor, config: TrainConfig, device: torch.device
+) -> float:
+    """The poster's per-epoch FID: fid_batches global batches of EMA samples (the cheap
+    preview sampler, as the grid) against as many validation images."""
+    return minibatch_fid(
+        ema, schedule, val_set, extractor, num_images=config.fid_batches * config.batch_size, batch_size=config.batch_size,
+        seed=seeded_generator(config.seed, _STREAM_FID).initial_seed(), sampler=config.preview_sampler,
+        steps=config.preview_steps, device=device,
+    )
+
+
+def _tensorboard_writer(config: TrainConfig, run_dir: Path, main: bool, step: int) -> Any:
+    """A SummaryWriter into RUN_DIR/tensorboard on the main process with --tensorboard, else
+    a context yielding None. On resume, events after the checkpoint's step are purged (they
+    will be redone), as _truncate_metrics does for metrics.jsonl."""
+    if not (main and config.tensorboard):
+        return nullcontext()
+    from torch.utils.tensorboard import SummaryWriter  # needs the optional tensorboard package
+
+    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=step or None)
+
+
 def _rng_states() -> dict[str, torch.Tensor]:
     states = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -378,18 +446,43 @@ def _rng_states() -> dict[str, torch.Tensor]:
     return states
 
 
-def _log(main: bool, run_dir: Path, record: dict[str, Any]) -> None:
+def _log(main: bool, run_dir: Path, record: dict[str, Any], tensorboard: Any) -> None:
+    """Append record to metrics.jsonl, and its numbers to TensorBoard when a writer is given."""
     if main:
-        with (run_dir / "metrics.jsonl").open("a") as handle:
+        with _writing(run_dir / "metrics.jsonl"), (run_dir / "metrics.jsonl").open("a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if tensorboard is not None:
+            for key, value in record.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                    tensorboard.add_scalar(key, value, record["step"])
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop lines logged after the checkpoint we resume from (they will be redone)."""
+    """On resume, drop lines logged after the checkpoint we resume from (they will be redone),
+    and a last line cut short by a process killed while appending it."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise CheckpointError(f"{path} line {number} is not JSON; repair or delete that line") from None
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    write_atomically(path, lambda temporary: temporary.write_text("".join(line + "\n" for line in kept)), what="metrics")
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """A full disk or read-only run directory while writing path: one CheckpointError line."""
+    try:
+        yield
+    except OSError as exc:
+        raise CheckpointError(f"could not write {path}: {exc.strerror or exc}") from None
 
 
 class _StopFlag:

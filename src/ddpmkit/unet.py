@@ -93,9 +93,18 @@ class UNetConfig:
 
 
 def group_count(channels: int) -> int:
-    """GroupNorm groups: 32 (Ho et al., Wu & He) when it divides channels, else the
-    largest divisor <= 32, so that narrow test models (8, 16, 24 channels) work."""
-    return max(groups for groups in range(1, 33) if channels % groups == 0)
+    """GroupNorm groups: the largest divisor of ``channels`` that is <= 32 (Ho et al.,
+    Wu & He) and leaves at least 2 channels per group.
+
+    Why at least 2: with one channel per group GroupNorm is instance norm, which removes
+    each channel's spatial mean; a narrow model (16 or 32 channels) then cannot pass the
+    image's mean level from x_t to the predicted noise, and samples come out with grey
+    or white backgrounds (measured on mnist-5k: the noise prediction's mean error stayed
+    at the size of the noise's own mean, 1/28, at every t). With two or more channels per
+    group the mean survives as a difference between channels. The poster's 64 and 128
+    channels get Ho's 32 groups.
+    """
+    return max(groups for groups in range(1, 33) if channels % groups == 0 and (channels // groups >= 2 or groups == 1))
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
