@@ -11,7 +11,8 @@ and ``fid_vs_nfe.png`` (FID and wall time against NFE, log x-axis).
 
 Every configuration draws the same initial noise (same seed and batch size), so the
 rows differ only by the sampler. Finished configurations are kept in OUT/work and
-skipped when the script is run again with the same arguments. Needs a classifier:
+skipped when the script is run again with the same arguments (their rows, wall time
+included, are read back from OUT/work). Needs a classifier:
 ``ddpm train-classifier --dataset <dataset of the run>``.
 """
 
@@ -53,25 +54,33 @@ def main() -> None:
     test = load_dataset(dataset, "test", data_dir=trained.config.data_dir)
     reference = reference_features(test, extractor)
     rows = []
-    for spacing in args.spacings.split(","):
-        for sampler in args.samplers.split(","):
-            for nfe in (int(n) for n in args.nfe.split(",")):
-                settings = dict(checkpoint=str(trained.path), step=trained.step, sampler=sampler, steps=nfe, spacing=spacing, seed=args.seed, batch_size=args.batch_size)
-                started = time.perf_counter()
+    # Cheap configurations first, so that an interrupted run has every sampler at small NFE.
+    for nfe in (int(n) for n in args.nfe.split(",")):
+        for spacing in args.spacings.split(","):
+            for sampler in args.samplers.split(","):
+                work = out / "work" / f"{sampler}-{spacing}-{nfe}"
+                finished = work / "row.json"
+                if finished.exists() and json.loads(finished.read_text())["num"] == args.num:  # measured before
+                    rows.append(json.loads(finished.read_text()))
+                else:
+                    settings = dict(checkpoint=str(trained.path), step=trained.step, sampler=sampler, steps=nfe, spacing=spacing, seed=args.seed, batch_size=args.batch_size)
+                    started = time.perf_counter()
 
-                def generate(start_batch: int, sampler: str = sampler, nfe: int = nfe, spacing: str = spacing):
-                    return sample_batches(
-                        trained.model, trained.schedule, args.num, args.batch_size, trained.image_shape,
-                        seed=args.seed, start_batch=start_batch, sampler=sampler, steps=nfe, spacing=spacing,
-                    )
+                    def generate(start_batch: int, sampler: str = sampler, nfe: int = nfe, spacing: str = spacing):
+                        return sample_batches(
+                            trained.model, trained.schedule, args.num, args.batch_size, trained.image_shape,
+                            seed=args.seed, start_batch=start_batch, sampler=sampler, steps=nfe, spacing=spacing,
+                        )
 
-                result = compute_fid(generate, args.num, extractor, [reference], settings=settings, work_dir=out / "work" / f"{sampler}-{spacing}-{nfe}")
-                scores = result["splits"][reference.name]
-                rows.append({"sampler": sampler, "spacing": spacing, "nfe": nfe, **scores, "seconds": time.perf_counter() - started})
+                    result = compute_fid(generate, args.num, extractor, [reference], settings=settings, work_dir=work)
+                    scores = result["splits"][reference.name]
+                    rows.append({"sampler": sampler, "spacing": spacing, "nfe": nfe, "num": args.num, **scores, "seconds": time.perf_counter() - started})
+                    finished.write_text(json.dumps(rows[-1]))
+                scores = rows[-1]
                 print(f"{sampler:13s} {spacing:9s} NFE {nfe:5d}  FID {scores['fid']:8.3f}  precision {scores['precision']:.3f}  recall {scores['recall']:.3f}  {rows[-1]['seconds']:7.1f} s", flush=True)
                 (out / "fid_vs_nfe.json").write_text(json.dumps({"run": str(trained.path), "num": args.num, "reference": reference.name, **extractor.provenance(), "rows": rows}, indent=2))
     print(f"wrote {out / 'fid_vs_nfe.json'} and {plot(rows, out / 'fid_vs_nfe.png')}")
-    print("(seconds of a configuration that was resumed from OUT/work count only the part run now)")
+    print("(the seconds of a configuration interrupted and resumed count only its last part)")
 
 
 def plot(rows: list[dict], path: Path) -> Path:

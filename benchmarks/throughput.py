@@ -9,7 +9,7 @@ in one fresh subprocess per case, so that peaks do not mix. Prints a table and w
 benchmarks/results/throughput.json.
 
     .venv/bin/python benchmarks/throughput.py                    # diffusers vs ddpmkit
-    .venv/bin/python benchmarks/throughput.py --channels-last    # + ddpmkit in channels_last
+    .venv/bin/python benchmarks/throughput.py --channels-last    # + diffusers in channels_last
     .venv/bin/python benchmarks/throughput.py --compile          # + ddpmkit under torch.compile
     .venv/bin/python benchmarks/throughput.py --sample-batches 64,256,1024   # sampling batch sizes
 
@@ -163,10 +163,13 @@ def interleaved_speeds(cases: list[Case], mode: str, batch: int, iterations: int
         steps[case.name]()  # warm-up; with torch.compile this call compiles
         case.compile_seconds[mode] = time.perf_counter() - start
         steps[case.name]()
+        print(f"{mode} b{batch}: {case.name} first step {case.compile_seconds[mode]:.1f} s", flush=True)
     speeds: dict[str, list[float]] = {case.name: [] for case in cases}
-    for _ in range(repeats):
+    for repeat in range(repeats):
         for case in cases:
             speeds[case.name].append(batch * iterations / timed(steps[case.name], iterations, device))
+        # as it goes, so that a run cut short still reports something
+        print(f"{mode} b{batch} repeat {repeat + 1}: " + ", ".join(f"{name} {v[-1]:.1f} img/s" for name, v in speeds.items()), flush=True)
     return speeds
 
 
@@ -191,7 +194,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats (default 5)")
     parser.add_argument("--train-iterations", type=int, default=2, help="training steps per repeat (default 2)")
     parser.add_argument("--sample-iterations", type=int, default=1, help="sampling forwards per repeat (default 1)")
-    parser.add_argument("--channels-last", action="store_true", help="also ddpmkit in channels_last")
+    parser.add_argument("--channels-last", action="store_true", help="also diffusers in channels_last (ddpmkit's UNet always is)")
     parser.add_argument("--compile", action="store_true", help="also ddpmkit under torch.compile (compile time reported)")
     parser.add_argument("--sample-batches", type=str, default=None, help="only sampling speed of ddpmkit at these batch sizes")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
@@ -212,11 +215,15 @@ def main() -> None:
 
     cases = [Case("diffusers"), Case("ddpmkit")]
     if args.channels_last:
-        cases.append(Case("ddpmkit", channels_last=True))
+        cases.append(Case("diffusers", channels_last=True))
     if args.compile:
         cases.append(Case("ddpmkit", compile=True))
     train = interleaved_speeds(cases, "train", TRAIN_BATCH, args.train_iterations, args.repeats, device)
     sample = interleaved_speeds(cases, "sample", SAMPLE_BATCH, args.sample_iterations, args.repeats, device)
+    # Measured again after the runs: other programs' load changes it, and the higher
+    # of the two keeps the fractions below conservative.
+    ceiling = max(ceiling, matmul_ceiling(device))
+    print(f"fp32 matmul ceiling, higher of before and after: {ceiling:.0f} GFLOP/s", flush=True)
     rows = {}
     for case in cases:
         forward_flops, training_flops = flops_per_image(case.kind, False), flops_per_image(case.kind, True)
@@ -252,7 +259,7 @@ def main() -> None:
 def sample_batch_sizes(args: argparse.Namespace, ceiling: float, device: str) -> None:
     """Sampling speed of ddpmkit's UNet at several batch sizes (the sampler's batch choice)."""
     batches = [int(b) for b in args.sample_batches.split(",")]
-    case = Case("ddpmkit", channels_last=args.channels_last)
+    case = Case("ddpmkit")
     flops = flops_per_image("ddpmkit", False)
     steps = {batch: sampling_forward(case, batch, device) for batch in batches}
     for step in steps.values():

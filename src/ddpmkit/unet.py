@@ -327,6 +327,12 @@ class UNet(nn.Module):
         # random output layer's large, arbitrary predictions.
         nn.init.zeros_(self.output[-1].weight)
         nn.init.zeros_(self.output[-1].bias)
+        # channels_last (NHWC) weights and activations: the same model and the same maths
+        # in another memory layout, in which oneDNN's CPU convolutions, GroupNorm and the
+        # attention's pixel-sequence view need no layout copies. Measured on the poster's
+        # model (benchmarks/README.md): training 1.13x -> 1.26x and sampling forwards
+        # 1.09x -> 1.39x of diffusers' UNet2DModel, side by side. cuDNN prefers it too.
+        self.to(memory_format=torch.channels_last)
 
     @classmethod
     def from_config(cls, config: UNetConfig) -> UNet:
@@ -345,7 +351,7 @@ class UNet(nn.Module):
             raise ConfigError("class labels were given to an unconditional model (built with num_classes=None)")
         activated_embedding = F.silu(embedding)  # every ResBlock starts its projection with SiLU
 
-        h = self.input_conv(x)
+        h = self.input_conv(x.contiguous(memory_format=torch.channels_last))
         skips = [h]
         for level in self.down:
             h = level(h, activated_embedding, skips)
