@@ -56,3 +56,14 @@ def tiny_config(folder, **changes):
     )
     values.update(changes)
     return TrainConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(folder_dataset, tmp_path_factory):
+    """A tiny run trained for 2 steps, without preview grids or per-epoch FID; shared by the
+    command-line tests of evaluation and figures, which only read it and add files beside."""
+    from ddpmkit.training import train
+
+    path = tmp_path_factory.mktemp("runs") / "run"
+    train(tiny_config(folder_dataset, max_steps=2, sample_every_epoch=0), path, progress=False)
+    return path

@@ -42,14 +42,6 @@ def cache(tmp_path_factory, folder_dataset):
     return root
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, folder_dataset):
-    """A tiny run trained for 2 steps, without per-epoch FID or grids."""
-    path = tmp_path_factory.mktemp("runs") / "run"
-    train(tiny_config(folder_dataset, max_steps=2, sample_every_epoch=0), path, progress=False)
-    return path
-
-
 # --- train-classifier ---------------------------------------------------------------------------
 
 def test_train_classifier_saves_into_the_cache_and_reports_accuracy(folder_dataset, tmp_path, monkeypatch, capsys):
@@ -90,10 +82,10 @@ def test_train_classifier_refuses_a_schedule_without_noisy(folder_dataset, capsy
 
 # --- fid ------------------------------------------------------------------------------------------
 
-def test_fid_end_to_end_with_provenance_and_floor(run, cache, folder_dataset, tmp_path, monkeypatch, capsys):
+def test_fid_end_to_end_with_provenance_and_floor(tiny_run, cache, folder_dataset, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DDPMKIT_CACHE", str(cache))
     out = tmp_path / "fid.json"
-    assert main(["fid", str(run), *FID_ARGS, "--out", str(out), "--real-vs-real"]) == 0
+    assert main(["fid", str(tiny_run), *FID_ARGS, "--out", str(out), "--real-vs-real"]) == 0
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
     dataset = _dataset(folder_dataset)
@@ -103,7 +95,7 @@ def test_fid_end_to_end_with_provenance_and_floor(run, cache, folder_dataset, tm
     classifier_dir = find_classifier(dataset)
     assert result["extractor_sha256"] == json.loads((classifier_dir / "config.json").read_text())["weights_sha256"]
     settings = result["settings"]
-    assert settings["checkpoint"] == str(load_trained_model(run).path.resolve()) and settings["step"] == 2
+    assert settings["checkpoint"] == str(load_trained_model(tiny_run).path.resolve()) and settings["step"] == 2
     assert (settings["weights"], settings["sampler"], settings["steps"], settings["seed"], settings["batch_size"]) == ("EMA", "ddim", 3, 5, 4)
     assert settings["spacing"] == "trailing" and result["wall_seconds"] >= 0 and result["precision_recall_k"] == 3
     # Oracle: the Frechet distance of the stored generated features to the train split's.
@@ -124,7 +116,7 @@ def test_fid_end_to_end_with_provenance_and_floor(run, cache, folder_dataset, tm
     assert f"floor, {test_name} vs {train_name}: FID {floor['splits'][train_name]['fid']:.3f}" in printed
 
 
-def test_interrupted_fid_resumes_without_resampling_finished_batches(run, cache, tmp_path, monkeypatch, capsys):
+def test_interrupted_fid_resumes_without_resampling_finished_batches(tiny_run, cache, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DDPMKIT_CACHE", str(cache))
     original = samplers.sample
     calls = []
@@ -138,32 +130,32 @@ def test_interrupted_fid_resumes_without_resampling_finished_batches(run, cache,
     monkeypatch.setattr(samplers, "sample", counted)  # what sample_batches calls, once per batch
     out = tmp_path / "fid.json"
     interrupt_at = 2  # batch 0 finishes, batch 1 is interrupted
-    assert main(["fid", str(run), *FID_ARGS, "--out", str(out)]) == 130
+    assert main(["fid", str(tiny_run), *FID_ARGS, "--out", str(out)]) == 130
     assert not out.exists()
     calls.clear()
     interrupt_at = None
-    assert main(["fid", str(run), *FID_ARGS, "--out", str(out)]) == 0
+    assert main(["fid", str(tiny_run), *FID_ARGS, "--out", str(out)]) == 0
     assert len(calls) == 2  # batches 1 and 2 only
     calls.clear()
     fresh = tmp_path / "fresh.json"
-    assert main(["fid", str(run), *FID_ARGS, "--out", str(fresh)]) == 0
+    assert main(["fid", str(tiny_run), *FID_ARGS, "--out", str(fresh)]) == 0
     assert len(calls) == 3
     resumed, uninterrupted = json.loads(out.read_text()), json.loads(fresh.read_text())
     assert resumed["splits"] == uninterrupted["splits"]  # the resumed run is the same evaluation
     capsys.readouterr()
 
 
-def test_fid_without_a_cached_classifier_names_the_command_to_run(run, folder_dataset, tmp_path, monkeypatch, capsys):
+def test_fid_without_a_cached_classifier_names_the_command_to_run(tiny_run, folder_dataset, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DDPMKIT_CACHE", str(tmp_path / "empty"))
-    assert main(["fid", str(run), *FID_ARGS, "--out", str(tmp_path / "fid.json")]) == 2
+    assert main(["fid", str(tiny_run), *FID_ARGS, "--out", str(tmp_path / "fid.json")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ddpm: error: no classifier for") and err.count("\n") == 1
     assert f"ddpm train-classifier --dataset {_dataset(folder_dataset)}" in err
     assert not (tmp_path / "fid.json").exists()
 
 
-def test_fid_refuses_mismatched_feature_flags(run, tmp_path, capsys):
-    argv = ["fid", str(run), "--features", "inception", "--classifier", str(tmp_path), "--out", str(tmp_path / "f.json")]
+def test_fid_refuses_mismatched_feature_flags(tiny_run, tmp_path, capsys):
+    argv = ["fid", str(tiny_run), "--features", "inception", "--classifier", str(tmp_path), "--out", str(tmp_path / "f.json")]
     assert main(argv) == 2
     assert "--classifier goes with --features classifier" in capsys.readouterr().err
 

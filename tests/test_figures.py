@@ -5,7 +5,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_config
 from ddpmkit import ConfigError
 from ddpmkit.cli import main
 from ddpmkit.figures import (
@@ -16,7 +15,6 @@ from ddpmkit.figures import (
 )
 from ddpmkit.samplers import sample, seeded_generator, timestep_indices
 from ddpmkit.schedules import make_schedule
-from ddpmkit.training import train
 
 
 def _assert_drawn_png(path, min_size=(200, 100)):
@@ -94,13 +92,6 @@ def test_reverse_frames_come_from_the_sampler_callback(sampler):
     assert torch.equal(states[:, 0], torch.randn((3, 1, 4, 4), generator=seeded_generator(7)))
     returned = sample(CountingModel(), schedule, (3, 1, 4, 4), sampler=sampler, steps=10, generator=seeded_generator(7))
     assert torch.equal(predictions[:, -1], returned)
-
-
-@pytest.fixture(scope="module")
-def tiny_run(folder_dataset, tmp_path_factory):
-    run = tmp_path_factory.mktemp("figures") / "run"
-    train(tiny_config(folder_dataset, max_steps=2, sample_every_epoch=0), run, progress=False)
-    return run
 
 
 def test_figures_commands_end_to_end(folder_dataset, tiny_run, tmp_path, capsys):

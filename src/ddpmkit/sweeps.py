@@ -28,6 +28,7 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .checkpoint import load_trained_model
 from .classifier import find_classifier, load_classifier
@@ -68,6 +69,7 @@ def guidance_sweep(
     steps: int | None = None,
     guide_classifier: Callable[..., torch.Tensor] | None = None,
     guidance_form: GuidanceForm = DEFAULT_GUIDANCE_FORM,
+    progress: bool = True,
     **sample_kwargs: Any,
 ) -> list[dict[str, float | int]]:
     """One row {scale, accuracy, fid, precision, recall, num} per guidance scale.
@@ -76,7 +78,8 @@ def guidance_sweep(
     "classifier": they are the classifier scale s, ``guide_classifier`` guiding in
     ``guidance_form``. ``judge(images)`` gives logits of images in [-1, 1] on the model's
     device; ``reference`` holds real features from ``extractor`` (evaluation.py's
-    reference_features). ``sample_kwargs`` (eta, variance, spacing, ...) go to ``sample``.
+    reference_features). ``sample_kwargs`` (eta, variance, spacing, ...) go to ``sample``;
+    ``progress`` shows a bar over all images of all scales.
     """
     if kind not in SWEEP_KINDS:
         raise ConfigError(f"unknown sweep kind {kind!r}; choose one of {', '.join(SWEEP_KINDS)}")
@@ -86,7 +89,9 @@ def guidance_sweep(
         raise ConfigError(f"need at least one scale and one class, and per_class >= 1, got {per_class}")
     labels = class_labels(classes, per_class)
     results = []
+    bar = tqdm(total=len(scales) * len(labels), unit="img", disable=not progress)
     for scale in scales:
+        bar.set_description(f"{kind} scale {scale:g}")
         if kind == "classifier-free":
             guidance: dict[str, Any] = {"guidance_scale": scale}
         else:
@@ -95,22 +100,26 @@ def guidance_sweep(
             model, schedule, len(labels), batch_size, image_shape, seed=seed, labels=labels,
             sampler=sampler, steps=steps, **guidance, **sample_kwargs,
         )
-        features, predictions = _score(batches, judge, extractor)
+        features, predictions = _score(batches, judge, extractor, on_batch=bar.update)
         results.append({
             "scale": float(scale),
             "accuracy": float((predictions == labels).double().mean()),
             **compare(reference, features),
             "num": len(labels),
         })
+    bar.close()
     return results
 
 
 def _score(
-    batches: Iterable[torch.Tensor], judge: Callable[[torch.Tensor], torch.Tensor], extractor: FeatureExtractor
+    batches: Iterable[torch.Tensor], judge: Callable[[torch.Tensor], torch.Tensor], extractor: FeatureExtractor,
+    on_batch: Callable[[int], Any],
 ) -> tuple[np.ndarray, torch.Tensor]:
-    """The extractor's features and the judge's predicted classes of all samples."""
+    """The extractor's features and the judge's predicted classes of all samples;
+    ``on_batch(n)`` after each batch of n (the progress bar)."""
     features, predictions = [], []
     for samples in batches:
+        on_batch(len(samples))
         images = to_uint8(samples)
         features.append(extractor(images.cpu()))
         with torch.inference_mode():
