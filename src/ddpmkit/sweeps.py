@@ -89,7 +89,7 @@ def guidance_sweep(
         raise ConfigError(f"need at least one scale and one class, and per_class >= 1, got {per_class}")
     labels = class_labels(classes, per_class)
     results = []
-    bar = tqdm(total=len(scales) * len(labels), unit="img", disable=not progress)
+    bar = tqdm(total=len(scales) * len(labels), unit="img", desc=f"{kind} scale {scales[0]:g}", disable=not progress)
     for scale in scales:
         bar.set_description(f"{kind} scale {scale:g}")
         if kind == "classifier-free":
