@@ -60,8 +60,9 @@ def main() -> None:
             for sampler in args.samplers.split(","):
                 work = out / "work" / f"{sampler}-{spacing}-{nfe}"
                 finished = work / "row.json"
-                if finished.exists() and json.loads(finished.read_text())["num"] == args.num:  # measured before
-                    rows.append(json.loads(finished.read_text()))
+                measured = json.loads(finished.read_text()) if finished.exists() else None
+                if measured is not None and measured["num"] == args.num:
+                    rows.append(measured)
                 else:
                     settings = dict(checkpoint=str(trained.path), step=trained.step, sampler=sampler, steps=nfe, spacing=spacing, seed=args.seed, batch_size=args.batch_size)
                     started = time.perf_counter()
@@ -76,8 +77,8 @@ def main() -> None:
                     scores = result["splits"][reference.name]
                     rows.append({"sampler": sampler, "spacing": spacing, "nfe": nfe, "num": args.num, **scores, "seconds": time.perf_counter() - started})
                     finished.write_text(json.dumps(rows[-1]))
-                scores = rows[-1]
-                print(f"{sampler:13s} {spacing:9s} NFE {nfe:5d}  FID {scores['fid']:8.3f}  precision {scores['precision']:.3f}  recall {scores['recall']:.3f}  {rows[-1]['seconds']:7.1f} s", flush=True)
+                row = rows[-1]
+                print(f"{sampler:13s} {spacing:9s} NFE {nfe:5d}  FID {row['fid']:8.3f}  precision {row['precision']:.3f}  recall {row['recall']:.3f}  {row['seconds']:7.1f} s", flush=True)
                 (out / "fid_vs_nfe.json").write_text(json.dumps({"run": str(trained.path), "num": args.num, "reference": reference.name, **extractor.provenance(), "rows": rows}, indent=2))
     print(f"wrote {out / 'fid_vs_nfe.json'} and {plot(rows, out / 'fid_vs_nfe.png')}")
     print("(the seconds of a configuration interrupted and resumed count only its last part)")

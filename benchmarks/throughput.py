@@ -12,6 +12,7 @@ benchmarks/results/throughput.json.
     .venv/bin/python benchmarks/throughput.py --channels-last    # + diffusers in channels_last
     .venv/bin/python benchmarks/throughput.py --compile          # + ddpmkit under torch.compile
     .venv/bin/python benchmarks/throughput.py --sample-batches 64,256,1024   # sampling batch sizes
+    .venv/bin/python benchmarks/throughput.py --profile          # where a sampling forward spends its time
 
 diffusers is needed only here (it is in the dev environment, not a ddpmkit dependency).
 """
@@ -197,6 +198,7 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true", help="also diffusers in channels_last (ddpmkit's UNet always is)")
     parser.add_argument("--compile", action="store_true", help="also ddpmkit under torch.compile (compile time reported)")
     parser.add_argument("--sample-batches", type=str, default=None, help="only sampling speed of ddpmkit at these batch sizes")
+    parser.add_argument("--profile", action="store_true", help="only torch.profiler's operator table of one ddpmkit sampling forward")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--memory-child", nargs=6, help=argparse.SUPPRESS)
@@ -206,6 +208,9 @@ def main() -> None:
         return
 
     device = args.device
+    if args.profile:
+        profile_sampling_forward(device)
+        return
     ceiling = matmul_ceiling(device)
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
           f"fp32 matmul ceiling {ceiling:.0f} GFLOP/s; medians of {args.repeats} interleaved repeats", flush=True)
@@ -254,6 +259,19 @@ def main() -> None:
     record = {"torch": torch.__version__, "device": device, "threads": torch.get_num_threads(), "matmul_ceiling_gflop_s": ceiling,
               "rows": rows, "train_images_per_s": train, "sample_images_per_s": sample}
     (RESULTS / "throughput.json").write_text(json.dumps(record, indent=2))
+
+
+def profile_sampling_forward(device: str) -> None:
+    """Operators of one ddpmkit sampling forward (batch SAMPLE_BATCH) by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = sampling_forward(Case("ddpmkit"), SAMPLE_BATCH, device)
+    step()  # warm-up: first-call allocations and oneDNN kernel choice
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        step()
+        synchronize(device)
+    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
 
 
 def sample_batch_sizes(args: argparse.Namespace, ceiling: float, device: str) -> None:
