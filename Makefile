@@ -30,9 +30,12 @@ $(VENV)/.installed-demo: pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[mnist5k]"
 	touch $@
 
+# torch-fidelity: the independent FID Inception port the tests compare ours with; installed
+# --no-deps because its dependencies pull torchvision (a multi-GB CUDA torch).
 $(VENV)/.installed-test: pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet --no-deps torch-fidelity==0.4.0
 	touch $@ $(VENV)/.installed-demo
 
 clean:

@@ -322,6 +322,56 @@ def test_fid_inception_has_pytorch_fids_state_dict_layout():
     assert learned == 27_161_264 - 3_326_696 + 8 * 2049
 
 
+def _torch_fidelity_inception_class():
+    """torch-fidelity's FeatureExtractorInceptionV3: an independent port of the same TensorFlow
+    graph, installed by the Makefile without its dependencies (they pull torchvision). Its
+    package __init__ imports torchvision, so the module is loaded under a bare package."""
+    import importlib.util
+    import sys
+    import types
+
+    spec = importlib.util.find_spec("torch_fidelity")
+    assert spec is not None, "torch-fidelity is a test dependency: make install puts it in .venv"
+    if not hasattr(sys.modules.get("torch_fidelity"), "__path__"):
+        package = types.ModuleType("torch_fidelity")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["torch_fidelity"] = package
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    return FeatureExtractorInceptionV3
+
+
+def test_fid_inception_equals_torch_fidelitys_port_of_the_tensorflow_graph(tmp_path):
+    # The real weights cannot be downloaded here; random weights in the file's layout, with
+    # batch-norm statistics away from identity, exercise every layer and pooling quirk.
+    generator = torch.Generator().manual_seed(0)
+    ours = FIDInceptionV3().eval()
+    state = ours.state_dict()
+    for key, value in state.items():
+        if key.endswith("running_var"):
+            value.copy_(torch.rand(value.shape, generator=generator) * 2 + 0.5)
+        elif key.endswith(("running_mean", "bn.bias")):
+            value.copy_(torch.randn(value.shape, generator=generator) * 0.1)
+        elif key.endswith("bn.weight"):
+            value.copy_(torch.rand(value.shape, generator=generator) + 0.5)
+    path = tmp_path / "random-inception.pth"
+    torch.save(state, path)
+    theirs = _torch_fidelity_inception_class()("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+    # 299 x 299 inputs: both resizes are then the identity (torch-fidelity resizes like
+    # TensorFlow 1, pytorch-fid and ddpmkit with F.interpolate), and torch-fidelity's
+    # (x - 128) / 128 is applied here to ours.
+    images = torch.randint(0, 256, (2, 3, 299, 299), dtype=torch.uint8, generator=generator)
+    with torch.inference_mode():
+        (expected,) = theirs(images)
+        features = ours((images.float() - 128) / 128)
+        assert features.std() > 0.01
+        torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-6)
+        # The comparison sees the TensorFlow graph's quirks: an average pool in the last
+        # block (torchvision's choice) changes the features.
+        ours.Mixed_7c.pool = evaluation._tf_average_pool
+        assert (ours((images.float() - 128) / 128) - expected).abs().max() > 1e-3
+
+
 def test_inception_weights_missing_offline_names_the_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("DDPMKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
