@@ -77,7 +77,7 @@ class CountingModel:
         return 0.5 * x
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm-solver++"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm-solver++", "dpm-solver++-sde"])
 def test_reverse_frames_come_from_the_sampler_callback(sampler):
     schedule = make_schedule("linear", 40)
     model = CountingModel()

@@ -60,7 +60,7 @@ def test_weight_zero_is_plain_conditional_sampling_exactly():
     assert model.calls == [[1, 2]] * 8  # no unconditional pass
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm-solver++"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm-solver++", "dpm-solver++-sde"])
 def test_guided_sampling_uses_eq_6_with_one_forward_pass_per_step(sampler):
     schedule, labels, weight = linear_schedule(50), torch.tensor([1, 2]), 3.0
     model = ToyConditionalModel()
@@ -163,7 +163,7 @@ def seeded(seed=0):
 
 
 @pytest.mark.parametrize("kwargs", [
-    {"sampler": "ddim"}, {"sampler": "ddim", "eta": 0.5}, {"sampler": "dpm-solver++"},
+    {"sampler": "ddim"}, {"sampler": "ddim", "eta": 0.5}, {"sampler": "dpm-solver++"}, {"sampler": "dpm-solver++-sde"},
 ], ids=str)
 def test_guiding_by_the_exact_classifier_turns_the_unconditional_model_into_the_conditional_one(kwargs):
     # Bayes: grad log p(x_t | y) = grad log p(x_t) + grad log p(y | x_t), and eps = -sqrt(1 - abar)
@@ -266,7 +266,7 @@ def test_both_kinds_of_guidance_at_once():
                                rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm-solver++"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm-solver++", "dpm-solver++-sde"])
 @pytest.mark.parametrize("form, scales", [("guided-diffusion", [0.0, 1.0, 4.0]), ("poster", [0.0, 0.5, 2.0])])
 def test_guidance_raises_the_probability_of_the_target_class(sampler, form, scales):
     judge = MixtureClassifier()  # the exact posterior of clean images

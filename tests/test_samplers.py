@@ -3,7 +3,8 @@
 * Algorithm 2 of Ho et al. 2020 and Algorithm 2 of Lu et al. 2022 (DPM-Solver++(2M)),
   written out here directly from the papers, on a fixed nonlinear toy noise model.
 * DDIM's identities (Song et al. 2021): eta = 1 with the same noise is ancestral DDPM
-  with beta-tilde; one or two DPM-Solver++ steps are DDIM steps.
+  with beta-tilde; one or two DPM-Solver++ steps are DDIM steps (eta = 0; eta = 1 for
+  its SDE form).
 * A Gaussian data set x0 ~ N(MU, STD^2), whose exact noise predictor is known in closed
   form, so every sampler must reproduce the data's mean and std, the better the more
   steps. Deterministic samplers solve the probability-flow ODE, whose exact solution
@@ -145,20 +146,22 @@ def test_ddim_with_eta_1_is_ancestral_sampling_with_posterior_variance(steps, cl
 
 
 @pytest.mark.parametrize("steps", [1, 2])
-def test_dpm_solver_with_one_or_two_steps_is_ddim(steps):
+@pytest.mark.parametrize(("solver", "eta"), [("dpm-solver++", 0.0), ("dpm-solver++-sde", 1.0)])
+def test_dpm_solver_with_one_or_two_steps_is_ddim(steps, solver, eta):
     model, shape = toy_eps_model(1000), (3, 1, 2, 2)
     runs = [
-        sample(model, SCHEDULES["linear"], shape, sampler=sampler, steps=steps, dtype=torch.float64,
-               generator=torch.Generator().manual_seed(1))
-        for sampler in ("dpm-solver++", "ddim")
+        sample(model, SCHEDULES["linear"], shape, steps=steps, dtype=torch.float64,
+               generator=torch.Generator().manual_seed(1), **kwargs)
+        for kwargs in ({"sampler": solver}, {"sampler": "ddim", "eta": eta})
     ]
     torch.testing.assert_close(runs[0], runs[1], rtol=1e-12, atol=1e-12)
 
 
-def dpm_solver_pp_2m(model, schedule, x, visited):
+def dpm_solver_pp_2m(model, schedule, x, visited, noise=None):
     """Lu et al. 2022, Algorithm 2, in its own variables; after the last visited index the
     solver steps to sigma = 0 (first order: returns x_theta). First order also on the first
-    step and on a step landing on index 0 (see sample_dpm_solver_pp)."""
+    step and on a step landing on index 0 (see sample_dpm_solver_pp). With ``noise`` (one
+    draw per step but the last), SDE-DPM-Solver++(2M) of the same paper's appendix."""
     abar = schedule.alpha_bars.tolist()
     alpha = lambda i: math.sqrt(abar[i])  # noqa: E731
     sigma = lambda i: math.sqrt(1 - abar[i])  # noqa: E731
@@ -176,7 +179,11 @@ def dpm_solver_pp_2m(model, schedule, x, visited):
         else:
             r = (lam(i) - lam(visited[n - 1])) / h
             data = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * previous
-        x = sigma(j) / sigma(i) * x - alpha(j) * (math.exp(-h) - 1) * data
+        if noise is None:
+            x = sigma(j) / sigma(i) * x - alpha(j) * (math.exp(-h) - 1) * data
+        else:
+            x = (sigma(j) / sigma(i) * math.exp(-h) * x + alpha(j) * (1 - math.exp(-2 * h)) * data
+                 + sigma(j) * math.sqrt(1 - math.exp(-2 * h)) * noise[n])
         previous = x0
 
 
@@ -190,6 +197,19 @@ def test_dpm_solver_is_algorithm_2_of_the_paper(schedule_name, spacing):
     got = sample(model, schedule, shape, sampler="dpm-solver++", steps=8, spacing=spacing, clip_denoised=False,
                  dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
+def test_sde_dpm_solver_is_the_papers_sde_form(schedule_name):
+    schedule, model, shape = SCHEDULES[schedule_name], toy_eps_model(1000), (3, 1, 2, 2)
+    visited = timestep_indices(1000, 8, "trailing").tolist()
+    x_T, *noise = noise_draws(6, shape, 8)
+    expected = dpm_solver_pp_2m(model, schedule, x_T, visited, noise)
+    got = sample(model, schedule, shape, sampler="dpm-solver++-sde", steps=8, clip_denoised=False,
+                 dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    # The toy model drives some samples to |x| ~ 1e3 on the cosine schedule: relative tolerance.
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-9)
+    assert (got - dpm_solver_pp_2m(model, schedule, x_T, visited)).abs().max() > 0.01  # the noise matters
 
 
 # --- the Gaussian oracle ------------------------------------------------------------------------
@@ -243,7 +263,8 @@ STD_TOLERANCES = {10: 0.25, 50: 0.08, 1000: 0.015}  # few ancestral steps lose v
     {"sampler": "ddpm", "variance": "beta"},
     {"sampler": "ddpm", "variance": "posterior"},
     {"sampler": "ddim", "eta": 1.0},
-], ids=["ddpm-beta", "ddpm-posterior", "ddim-eta1"])
+    {"sampler": "dpm-solver++-sde"},
+], ids=["ddpm-beta", "ddpm-posterior", "ddim-eta1", "dpm-solver++-sde"])
 def test_stochastic_samplers_reproduce_a_gaussian(schedule_name, kwargs):
     schedule, num = SCHEDULES[schedule_name], 20000
     std_errors = []
@@ -260,7 +281,8 @@ def test_stochastic_samplers_reproduce_a_gaussian(schedule_name, kwargs):
 
 # --- behaviour of sample ---------------------------------------------------------------------------
 
-SAMPLER_KWARGS = [{"sampler": "ddpm"}, {"sampler": "ddim", "eta": 0.5}, {"sampler": "dpm-solver++"}]
+SAMPLER_KWARGS = [{"sampler": "ddpm"}, {"sampler": "ddim", "eta": 0.5}, {"sampler": "dpm-solver++"},
+                  {"sampler": "dpm-solver++-sde"}]
 
 
 @pytest.mark.parametrize("kwargs", SAMPLER_KWARGS, ids=lambda k: k["sampler"])

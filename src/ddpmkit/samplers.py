@@ -1,4 +1,4 @@
-"""Samplers: ancestral DDPM, DDIM and DPM-Solver++(2M), behind one entry point ``sample``.
+"""Samplers: ancestral DDPM, DDIM and DPM-Solver++(2M) (ODE and SDE), behind one entry point ``sample``.
 
 Each sampler is a short function over ``(denoiser, x, timesteps)`` in the style of
 k-diffusion: ``denoiser(x_t, t)`` predicts the noise (guidance.py builds it from a model),
@@ -52,7 +52,7 @@ from .guidance import (
 )
 from .schedules import NoiseSchedule
 
-SamplerName = Literal["ddpm", "ddim", "dpm-solver++"]
+SamplerName = Literal["ddpm", "ddim", "dpm-solver++", "dpm-solver++-sde"]
 VarianceName = Literal["beta", "posterior"]
 SpacingName = Literal["uniform", "quadratic", "trailing"]
 SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)
@@ -266,8 +266,11 @@ def sample_dpm_solver_pp(
     *,
     clip_denoised: bool,
     callback: Callback | None,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """DPM-Solver++(2M), Lu et al. 2022 (arXiv:2211.01095), Algorithm 2.
+    """DPM-Solver++(2M), Lu et al. 2022 (arXiv:2211.01095), Algorithm 2; with
+    ``stochastic``, its SDE form, SDE-DPM-Solver++(2M) (same paper, appendix).
 
     Discrete to continuous time: the solver integrates the diffusion ODE in
     lambda = log(alpha/sigma), alpha = sqrt(abar), sigma = sqrt(1 - abar), and needs the
@@ -288,17 +291,26 @@ def sample_dpm_solver_pp(
     trick"); we do it at any number of steps, since on the Gaussian oracle of the tests
     "uniform" spacing with 50 steps is 20x less accurate otherwise. "trailing" spacing
     never visits index 0 (unless steps = T). With one or two steps the solver is DDIM
-    (eta = 0).
+    (eta = 0; the SDE form: eta = 1).
 
     Update (Algorithm 2): x_next = (sigma_next/sigma) x - alpha_next (e^{-h} - 1) D with
     D = (1 + 1/(2r)) x0 - 1/(2r) x0_previous, h = lambda_next - lambda, r = h_previous/h.
+    SDE form: x_next = (sigma_next/sigma) e^{-h} x + alpha_next (1 - e^{-2h}) D
+    + sigma_next sqrt(1 - e^{-2h}) z, with the same D. Its first-order step is exactly
+    DDIM with eta = 1 (the posterior q(x_next | x, x0 = D)), so it is a second-order
+    correction of ancestral sampling on the respaced schedule: fresh noise at every step,
+    like Algorithm 2 of Ho et al., which on under-trained models corrects errors that the
+    ODE carries to the end (README, "Fast samplers").
     """
     schedule = timesteps.schedule
     alphas, sigmas = schedule.alpha_bars.sqrt(), (1.0 - schedule.alpha_bars).sqrt()
     alphas_next, sigmas_next = schedule.alpha_bars_prev.sqrt(), (1.0 - schedule.alpha_bars_prev).sqrt()
-    x_scale = sigmas_next / sigmas
-    # -alpha_next (e^{-h} - 1) with e^{-h} = alpha sigma_next / (sigma alpha_next): finite at sigma_next = 0.
+    exp_minus_h = alphas * sigmas_next / (sigmas * alphas_next)
+    x_scale = sigmas_next / sigmas * (exp_minus_h if stochastic else 1.0)
+    # The weight of D, alpha_next (1 - e^{-h}) or alpha_next (1 - e^{-2h}), is in both forms
+    # alpha_next - alpha x_scale, which stays finite at sigma_next = 0 (alpha_next = 1).
     data_scale = alphas_next - alphas * x_scale
+    noise_scales = timesteps.coefficients(sigmas_next * (1.0 - exp_minus_h**2).clamp(min=0.0).sqrt())
     lambdas = (alphas.log() - sigmas.log()).flip(0)  # visit order
     h = lambdas[1:] - lambdas[:-1]  # h[i]: from visit step i to i + 1 (the final step, h = inf, excluded)
     # 1/(2r) at visit step i is h[i] / (2 h[i-1]); 0 makes a step first order (see above).
@@ -309,10 +321,13 @@ def sample_dpm_solver_pp(
     x_scale, data_scale = timesteps.coefficients(x_scale), timesteps.coefficients(data_scale)
     half_inverse_r = half_inverse_r.to(device=timesteps.device, dtype=timesteps.dtype)
     previous_x0 = None
-    for i in range(len(timesteps.indices)):
+    last = len(timesteps.indices) - 1
+    for i in range(last + 1):
         _, x0 = _predict(denoiser, x, timesteps, i, clip_denoised, callback)
         data = x0 if previous_x0 is None else x0 + half_inverse_r[i] * (x0 - previous_x0)
         x = x_scale[i] * x + data_scale[i] * data
+        if stochastic and i < last:  # sigma_next = 0 on the last step
+            x = x + noise_scales[i] * _standard_normal(x.shape, generator, x.dtype, x.device)
         previous_x0 = x0
     return x
 
@@ -382,7 +397,8 @@ def sample(
         return sample_ddpm(denoiser, x, timesteps, variance=variance, generator=generator, mean_shift=mean_shift, **common)
     if sampler == "ddim":
         return sample_ddim(denoiser, x, timesteps, eta=eta, generator=generator, **common)
-    return sample_dpm_solver_pp(denoiser, x, timesteps, **common)
+    stochastic = sampler == "dpm-solver++-sde"
+    return sample_dpm_solver_pp(denoiser, x, timesteps, stochastic=stochastic, generator=generator, **common)
 
 
 def sample_batches(
