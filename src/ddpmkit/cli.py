@@ -199,6 +199,8 @@ def _add_model_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (default) or raw")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model: about 1.3x faster forwards after a first batch that compiles for minutes")
 
 
 def _add_sampler_flags(parser: argparse.ArgumentParser) -> None:
@@ -241,7 +243,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.out.suffix.lower() != ".png":
         raise ConfigError(f"--out must name a .png file, got {args.out}")
     device = _device(args.device)
-    trained = load_trained_model(args.run, ema=args.ema, device=device)
+    trained = load_trained_model(args.run, ema=args.ema, device=device, compile=args.compile)
     kwargs = sampler_kwargs(args)
     guidance, guidance_record = _guidance_options(args, trained, device)
     num = args.num if "labels" not in guidance else len(guidance["labels"])
@@ -396,7 +398,8 @@ def _cmd_guidance_sweep(args: argparse.Namespace) -> int:
     results, json_path, plot_path = sweep_run(
         args.run, out, kind=args.kind, scales=args.scales, classes=args.classes, per_class=args.per_class,
         guide_classifier_path=args.classifier, guidance_form=args.guidance_form, features=args.features,
-        ema=args.ema, seed=args.seed, batch_size=args.batch_size, device=_device(args.device), **sampler_kwargs(args),
+        ema=args.ema, seed=args.seed, batch_size=args.batch_size, device=_device(args.device), compile=args.compile,
+        **sampler_kwargs(args),
     )
     print(format_sweep_table(results))
     print(f"ddpm: results {json_path}\nddpm: plot {plot_path}")
@@ -496,7 +499,7 @@ def _cmd_fid(args: argparse.Namespace) -> int:
     if (args.features == "classifier" and args.inception_weights) or (args.features == "inception" and args.classifier):
         raise ConfigError("--classifier goes with --features classifier, --inception-weights with --features inception")
     device = _device(args.device)
-    trained = load_trained_model(args.run, ema=args.ema, device=device)
+    trained = load_trained_model(args.run, ema=args.ema, device=device, compile=args.compile)
     extractor = load_extractor(args.features, trained.config.dataset, path=args.classifier or args.inception_weights, device=device)
     result = model_fid(
         trained, extractor, num=args.num, against=args.against, batch_size=args.batch_size, seed=args.seed, device=device,

@@ -142,6 +142,7 @@ def sweep_run(
     seed: int = 0,
     batch_size: int = 256,
     device: str | torch.device = "cpu",
+    compile: bool = False,
     **sample_kwargs: Any,
 ) -> tuple[list[dict[str, float | int]], Path, Path]:
     """What ``ddpm guidance-sweep RUN`` does: ``guidance_sweep`` on a trained run, judged by
@@ -151,9 +152,9 @@ def sweep_run(
     Returns the rows and the two paths. The guiding classifier (kind "classifier") is
     ``guide_classifier_path`` or the dataset's cached one (guidance.load_guiding_classifier).
     ``features`` picks the FID feature space (evaluation.load_extractor); ``sample_kwargs``
-    (sampler, steps, eta, ...) go to ``sample``.
+    (sampler, steps, eta, ...) go to ``sample``; ``compile`` to load_trained_model.
     """
-    trained = load_trained_model(run, ema=ema, device=device)
+    trained = load_trained_model(run, ema=ema, device=device, compile=compile)
     config = trained.config
     guide = guide_path = None
     if kind == "classifier":
