@@ -298,9 +298,9 @@ def sample_dpm_solver_pp(
     SDE form: x_next = (sigma_next/sigma) e^{-h} x + alpha_next (1 - e^{-2h}) D
     + sigma_next sqrt(1 - e^{-2h}) z, with the same D. Its first-order step is exactly
     DDIM with eta = 1 (the posterior q(x_next | x, x0 = D)), so it is a second-order
-    correction of ancestral sampling on the respaced schedule: fresh noise at every step,
-    like Algorithm 2 of Ho et al., which on under-trained models corrects errors that the
-    ODE carries to the end (README, "Fast samplers").
+    correction of ancestral sampling on the respaced schedule, with fresh noise at every
+    step like Algorithm 2 of Ho et al. On our trained models that noise made up for part
+    of the model's error, which the ODE form carries to the end (README, "Fast samplers").
     """
     schedule = timesteps.schedule
     alphas, sigmas = schedule.alpha_bars.sqrt(), (1.0 - schedule.alpha_bars).sqrt()
