@@ -310,7 +310,8 @@ def sample_dpm_solver_pp(
     # The weight of D, alpha_next (1 - e^{-h}) or alpha_next (1 - e^{-2h}), is in both forms
     # alpha_next - alpha x_scale, which stays finite at sigma_next = 0 (alpha_next = 1).
     data_scale = alphas_next - alphas * x_scale
-    noise_scales = timesteps.coefficients(sigmas_next * (1.0 - exp_minus_h**2).clamp(min=0.0).sqrt())
+    if stochastic:
+        noise_scales = timesteps.coefficients(sigmas_next * (1.0 - exp_minus_h**2).clamp(min=0.0).sqrt())
     lambdas = (alphas.log() - sigmas.log()).flip(0)  # visit order
     h = lambdas[1:] - lambdas[:-1]  # h[i]: from visit step i to i + 1 (the final step, h = inf, excluded)
     # 1/(2r) at visit step i is h[i] / (2 h[i-1]); 0 makes a step first order (see above).
