@@ -8,7 +8,13 @@ table gives the median over repeats, and the ratio of the medians. Peak RSS is m
 in one fresh subprocess per case, so that peaks do not mix. Prints a table and writes
 benchmarks/results/throughput.json.
 
-    .venv/bin/python benchmarks/throughput.py                    # diffusers vs ddpmkit
+Two executions of each model: "plain", one batch over torch's intra-op threads (what
+diffusers does), and "+threads", the batch split over one single-threaded worker per
+core, in slices of at most 64 rows for sampling (ddpmkit.batch_threads, what ddpmkit's
+training and samplers do on a CPU); the same
+helper runs both libraries' models, so the table separates the model from the execution.
+
+    .venv/bin/python benchmarks/throughput.py                    # diffusers vs ddpmkit, each also on worker threads
     .venv/bin/python benchmarks/throughput.py --channels-last    # + diffusers in channels_last
     .venv/bin/python benchmarks/throughput.py --compile          # + ddpmkit under torch.compile
     .venv/bin/python benchmarks/throughput.py --sample-batches 64,256,1024   # sampling batch sizes
@@ -21,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,6 +38,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
+
+from ddpmkit.batch_threads import ROWS_PER_CALL, backward_in_slices, map_slices
 
 RESULTS = Path(__file__).parent / "results"
 IMAGE = (1, 28, 28)
@@ -62,11 +69,13 @@ class Case:
     kind: str
     channels_last: bool = False
     compile: bool = False
+    workers: int = 1  # > 1: the batch split over worker threads (ddpmkit.batch_threads)
     compile_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
-        return self.kind + "".join(suffix for on, suffix in ((self.channels_last, "+cl"), (self.compile, "+compile")) if on)
+        options = ((self.channels_last, "+cl"), (self.compile, "+compile"), (self.workers > 1, "+threads"))
+        return self.kind + "".join(suffix for on, suffix in options if on)
 
     def model(self, device: str) -> tuple[torch.nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
         torch.manual_seed(0)
@@ -93,8 +102,11 @@ def training_step(case: Case, batch: int, device: str) -> Callable[[], None]:
     x, t = case.inputs(batch, device)
     noise = torch.randn_like(x)
 
+    def slice_loss(rows: slice) -> torch.Tensor:
+        return F.mse_loss(forward(x[rows], t[rows]), noise[rows], reduction="sum") / noise.numel()
+
     def step() -> None:
-        F.mse_loss(forward(x, t), noise).backward()
+        backward_in_slices(slice_loss, batch, list(model.parameters()), case.workers)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -109,7 +121,7 @@ def sampling_forward(case: Case, batch: int, device: str) -> Callable[[], None]:
 
     def step() -> None:
         with torch.inference_mode():
-            forward(x, t)
+            torch.cat(map_slices(lambda rows: forward(x[rows], t[rows]), batch, case.workers, ROWS_PER_CALL if case.workers > 1 else None))
 
     return step
 
@@ -177,17 +189,22 @@ def interleaved_speeds(cases: list[Case], mode: str, batch: int, iterations: int
 def peak_rss_mib(case: Case, mode: str, batch: int, device: str) -> float:
     """Peak RSS of a fresh process that builds the model and runs one step (2 for training:
     Adam's state exists from the first)."""
-    arguments = [case.kind, mode, str(batch), device, str(int(case.channels_last)), str(int(case.compile))]
+    arguments = [case.kind, mode, str(batch), device, str(int(case.channels_last)), str(int(case.compile)), str(case.workers)]
     output = subprocess.run([sys.executable, __file__, "--memory-child", *arguments], capture_output=True, text=True, check=True)
     return float(output.stdout.strip().splitlines()[-1])
 
 
-def memory_child(kind: str, mode: str, batch: str, device: str, channels_last: str, compile: str) -> None:
-    case = Case(kind, channels_last=bool(int(channels_last)), compile=bool(int(compile)))
+def memory_child(kind: str, mode: str, batch: str, device: str, channels_last: str, compile: str, workers: str) -> None:
+    case = Case(kind, channels_last=bool(int(channels_last)), compile=bool(int(compile)), workers=int(workers))
     step = (training_step if mode == "train" else sampling_forward)(case, int(batch), device)
     for _ in range(2 if mode == "train" else 1):
         step()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent at
+    # fork and keeps it through exec, so every child would report at least this
+    # benchmark's own peak (it did: all ten cases read 4526.5 MiB on 2026-11-29).
+    # VmHWM belongs to the address space that exec made new.
+    status = Path("/proc/self/status").read_text()
+    print(int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024)  # kB
 
 
 def main() -> None:
@@ -201,7 +218,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="only torch.profiler's operator table of one ddpmkit sampling forward")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--memory-child", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         memory_child(*args.memory_child)
@@ -219,6 +236,9 @@ def main() -> None:
         return
 
     cases = [Case("diffusers"), Case("ddpmkit")]
+    workers = torch.get_num_threads() if device == "cpu" else 1
+    if workers > 1:
+        cases += [Case("diffusers", workers=workers), Case("ddpmkit", workers=workers)]
     if args.channels_last:
         cases.append(Case("diffusers", channels_last=True))
     if args.compile:
@@ -250,11 +270,10 @@ def main() -> None:
             row[f"peak RSS sample b{MEMORY_SAMPLE_BATCH} (MiB)"] = peak_rss_mib(case, "sample", MEMORY_SAMPLE_BATCH, device)
         rows[case.name] = row
     print_table(rows, "diffusers")
-    per_repeat = {
-        mode: [ours / theirs for ours, theirs in zip(speeds["ddpmkit"], speeds["diffusers"])] for mode, speeds in (("train", train), ("sample", sample))
-    }
-    for mode, ratios in per_repeat.items():
-        print(f"ddpmkit / diffusers {mode} ratio per repeat: " + " ".join(f"{r:.2f}" for r in ratios))
+    for mode, speeds in (("train", train), ("sample", sample)):
+        for case in cases[1:]:
+            ratios = [ours / theirs for ours, theirs in zip(speeds[case.name], speeds["diffusers"])]
+            print(f"{case.name} / diffusers {mode} ratio per repeat: " + " ".join(f"{r:.2f}" for r in ratios))
     RESULTS.mkdir(exist_ok=True)
     record = {"torch": torch.__version__, "device": device, "threads": torch.get_num_threads(), "matmul_ceiling_gflop_s": ceiling,
               "rows": rows, "train_images_per_s": train, "sample_images_per_s": sample}

@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
+from .batch_threads import BatchThreads, resolve_cpu_workers
 from .config import TrainConfig, config_from_dict
 from .errors import CheckpointError
 from .schedules import NoiseSchedule, make_schedule
@@ -278,14 +279,17 @@ class TrainedModel:
 
 
 def load_trained_model(
-    path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu", compile: bool = False
+    path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu", compile: bool = False, cpu_workers: int = 0
 ) -> TrainedModel:
     """The UNet of a checkpoint (file, or a run directory's latest), in eval mode.
 
     ``ema`` picks the EMA weights (what one samples from) or the raw trained weights.
-    ``compile`` wraps the model in ``torch.compile`` (inductor): the first call with each
-    batch size compiles for about 1.5 minutes on a CPU, then forwards run about 1.3x
-    faster (benchmarks/README.md); worth it for long sampling runs only.
+    ``cpu_workers`` splits each batch over that many CPU threads, one core each
+    (batch_threads.py; 0: one per core on a CPU without compile, else off).
+    ``compile`` wraps the model in ``torch.compile`` (inductor) instead: the first call
+    with each batch size compiles for about 1.5 minutes on a CPU. On the 2-core CPU of
+    benchmarks/README.md compiled forwards were 1.16x faster than one batch over both
+    cores, but slower than the default worker threads (0.79x); for a GPU, or long runs.
     """
     checkpoint = load_checkpoint(resolve_checkpoint(path))
     try:
@@ -297,8 +301,9 @@ def load_trained_model(
     model = UNet.from_config(model_config)
     load_weights(model, checkpoint.ema if ema else checkpoint.model, source=f"{checkpoint.path} ({'EMA' if ema else 'raw'} weights)")
     model.to(device).eval().requires_grad_(False)
+    workers = resolve_cpu_workers(cpu_workers, on_cpu=torch.device(device).type == "cpu", compile=compile)
     return TrainedModel(
-        model=torch.compile(model) if compile else model,
+        model=torch.compile(model) if compile else BatchThreads(model, workers) if workers > 1 else model,
         schedule=make_schedule(config.schedule, config.num_steps),
         config=config,
         image_shape=(model_config.in_channels, image_size, image_size),

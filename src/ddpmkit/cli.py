@@ -21,6 +21,8 @@ import numpy as np
 from .config import TrainConfig, field_names, load_toml, resolve_config
 from .errors import ConfigError, DdpmError
 
+_CPU_WORKERS_HELP = ("CPU: split each batch over this many threads, one core each; on 2 cores sampling ran 1.3-1.5x "
+                     "faster than one batch over both (0: one per core, where it applies; 1: off)")
 # Option spellings that differ from the config field name.
 _FLAG_NAMES = {"attention_levels": "--attention"}
 _HELP = {
@@ -32,6 +34,7 @@ _HELP = {
     "fid_batches": "validation minibatches for the per-epoch FID (0: off; needs ddpm train-classifier for the dataset)",
     "tensorboard": "also log metrics and sample grids to RUN/tensorboard (pip install 'ddpmkit[tensorboard]')",
     "compile": "torch.compile the model (Accelerate's inductor backend): opt-in, compiling first takes minutes",
+    "cpu_workers": _CPU_WORKERS_HELP,
 }
 
 
@@ -200,7 +203,9 @@ def _add_model_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (default) or raw")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the model: about 1.3x faster forwards after a first batch that compiles for minutes")
+                        help="torch.compile the model (first batch compiles for minutes; turns CPU worker threads off, which "
+                             "were faster on a 2-core CPU: benchmarks/README.md)")
+    parser.add_argument("--cpu-workers", type=int, default=0, help=_CPU_WORKERS_HELP)
 
 
 def _add_sampler_flags(parser: argparse.ArgumentParser) -> None:
@@ -243,7 +248,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.out.suffix.lower() != ".png":
         raise ConfigError(f"--out must name a .png file, got {args.out}")
     device = _device(args.device)
-    trained = load_trained_model(args.run, ema=args.ema, device=device, compile=args.compile)
+    trained = load_trained_model(args.run, ema=args.ema, device=device, compile=args.compile, cpu_workers=args.cpu_workers)
     kwargs = sampler_kwargs(args)
     guidance, guidance_record = _guidance_options(args, trained, device)
     num = args.num if "labels" not in guidance else len(guidance["labels"])
@@ -399,7 +404,7 @@ def _cmd_guidance_sweep(args: argparse.Namespace) -> int:
         args.run, out, kind=args.kind, scales=args.scales, classes=args.classes, per_class=args.per_class,
         guide_classifier_path=args.classifier, guidance_form=args.guidance_form, features=args.features,
         ema=args.ema, seed=args.seed, batch_size=args.batch_size, device=_device(args.device), compile=args.compile,
-        **sampler_kwargs(args),
+        cpu_workers=args.cpu_workers, **sampler_kwargs(args),
     )
     print(format_sweep_table(results))
     print(f"ddpm: results {json_path}\nddpm: plot {plot_path}")
@@ -499,7 +504,7 @@ def _cmd_fid(args: argparse.Namespace) -> int:
     if (args.features == "classifier" and args.inception_weights) or (args.features == "inception" and args.classifier):
         raise ConfigError("--classifier goes with --features classifier, --inception-weights with --features inception")
     device = _device(args.device)
-    trained = load_trained_model(args.run, ema=args.ema, device=device, compile=args.compile)
+    trained = load_trained_model(args.run, ema=args.ema, device=device, compile=args.compile, cpu_workers=args.cpu_workers)
     extractor = load_extractor(args.features, trained.config.dataset, path=args.classifier or args.inception_weights, device=device)
     result = model_fid(
         trained, extractor, num=args.num, against=args.against, batch_size=args.batch_size, seed=args.seed, device=device,

@@ -62,6 +62,7 @@ class TrainConfig:
     ema_decay: float = 0.9999
     precision: Precision = "fp32"
     compile: bool = False  # torch.compile the model: opt-in, compiling takes minutes (benchmarks/README.md)
+    cpu_workers: int = 0  # CPU: split each batch over this many threads, one core each (0: one per core; 1: off)
     # run
     seed: int = 0
     device: Device = "auto"
@@ -90,6 +91,7 @@ class TrainConfig:
         _require(self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1")
         _require(self.batch_size >= 1, "batch_size must be >= 1")
         _require(self.grad_accum >= 1, "grad_accum must be >= 1")
+        _require(self.cpu_workers >= 0, "cpu_workers must be >= 0 (0: one per core, 1: off)")
         _require(self.lr > 0, f"lr must be > 0, got {self.lr}")
         _require(self.grad_clip >= 0, "grad_clip must be >= 0 (0 turns clipping off)")
         _require(0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)")

@@ -143,6 +143,7 @@ def sweep_run(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     compile: bool = False,
+    cpu_workers: int = 0,
     **sample_kwargs: Any,
 ) -> tuple[list[dict[str, float | int]], Path, Path]:
     """What ``ddpm guidance-sweep RUN`` does: ``guidance_sweep`` on a trained run, judged by
@@ -152,9 +153,9 @@ def sweep_run(
     Returns the rows and the two paths. The guiding classifier (kind "classifier") is
     ``guide_classifier_path`` or the dataset's cached one (guidance.load_guiding_classifier).
     ``features`` picks the FID feature space (evaluation.load_extractor); ``sample_kwargs``
-    (sampler, steps, eta, ...) go to ``sample``; ``compile`` to load_trained_model.
+    (sampler, steps, eta, ...) go to ``sample``; ``compile`` and ``cpu_workers`` to load_trained_model.
     """
-    trained = load_trained_model(run, ema=ema, device=device, compile=compile)
+    trained = load_trained_model(run, ema=ema, device=device, compile=compile, cpu_workers=cpu_workers)
     config = trained.config
     guide = guide_path = None
     if kind == "classifier":

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .batch_threads import BatchThreads, backward_in_slices, resolve_cpu_workers
 from .checkpoint import (
     best_checkpoint_path,
     copy_checkpoint,
@@ -54,7 +55,7 @@ from .unet import UNet, UNetConfig
 # the resumed run a different experiment.
 RESUMABLE_KEYS = frozenset(
     {"epochs", "max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "device", "sample_every_epoch", "fid_batches",
-     "tensorboard", "compile"}
+     "tensorboard", "compile", "cpu_workers"}
 )
 _PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 # Distinct streams for the seeded generators (an arbitrary fixed tag per purpose).
@@ -153,6 +154,9 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
             f"batch_size {config.batch_size} is not divisible by processes x grad_accum = {world} x {config.grad_accum}"
         )
     micro_batch = config.batch_size // (world * config.grad_accum)
+    workers = resolve_cpu_workers(
+        config.cpu_workers, on_cpu=accelerator.device.type == "cpu", processes=world, compile=config.compile, dropout=config.dropout
+    )
     main = accelerator.is_main_process
     schedule = make_schedule(config.schedule, config.num_steps)
     fid_extractor = _fid_extractor(config, info, accelerator.device, main)
@@ -192,7 +196,9 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
             f"ddpmkit: {len(train_set)} train / {len(val_set)} val images, {world} process(es) x "
             f"{micro_batch} images x {config.grad_accum} accumulation = global batch {config.batch_size}; "
             f"lr {config.lr} (not rescaled); {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
-            f"device {accelerator.device}, precision {config.precision}"
+            f"device {accelerator.device}"
+            + (f" ({workers} worker threads, one core each)" if workers > 1 else "")
+            + f", precision {config.precision}"
         )
 
     def write_checkpoint(path: Path) -> None:
@@ -226,7 +232,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
                 batch_indices = order[first : first + config.batch_size]
                 loss = _optimizer_step(
                     accelerator, model, optimizer, schedule, config, step, batch_indices.to(accelerator.device),
-                    train_images, train_labels, micro_batch,
+                    train_images, train_labels, micro_batch, workers,
                 )
                 if loss is None:  # fp16 loss scaling skipped this step (overflow)
                     position["skipped_steps"] += 1
@@ -254,12 +260,12 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
             if stop.requested:
                 break
             if position["batch_in_epoch"] == batches_per_epoch:  # an epoch ended
-                val_loss = validation_loss(accelerator, model, schedule, val_set, config)
+                val_loss = validation_loss(accelerator, BatchThreads(model, workers), schedule, val_set, config)
                 position.update(epoch=epoch + 1, batch_in_epoch=0)
                 record: dict[str, Any] = {"step": position["step"], "epoch": epoch, "val_loss": val_loss}
                 if main and config.sample_every_epoch:
                     grid = run_dir / "samples" / f"epoch-{epoch:03d}.png"
-                    preview = _preview_samples(ema, schedule, config, (info.channels, info.image_size, info.image_size), accelerator.device)
+                    preview = _preview_samples(BatchThreads(ema, workers), schedule, config, (info.channels, info.image_size, info.image_size), accelerator.device)
                     with _writing(grid):
                         save_image_grid(preview, grid)
                     record["samples"] = str(grid.relative_to(run_dir))
@@ -267,7 +273,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
                         tensorboard.add_image("samples", image_grid(preview), position["step"], dataformats="HWC")
                 # Sampled on the main process only; the others wait at write_checkpoint's barrier.
                 if main and fid_extractor is not None:
-                    record["fid"] = _epoch_fid(ema, schedule, val_set, fid_extractor, config, accelerator.device)
+                    record["fid"] = _epoch_fid(BatchThreads(ema, workers), schedule, val_set, fid_extractor, config, accelerator.device)
                 _log(main, run_dir, record, tensorboard)
                 is_best = position["best_val_loss"] is None or val_loss < position["best_val_loss"]
                 if is_best:
@@ -304,6 +310,7 @@ def _optimizer_step(
     images: torch.Tensor,
     labels: torch.Tensor,
     micro_batch: int,
+    workers: int,
 ) -> torch.Tensor | None:
     """One optimizer step of Algorithm 1 over this process's share of the global batch.
 
@@ -331,16 +338,28 @@ def _optimizer_step(
             y = labels[batch_indices[part]].clone()
             y[drop_label[part].to(device)] = -1  # the UNet maps -1 to its "no label" slot
             label_args = (y,)
-        sync = micro == config.grad_accum - 1
-        with (nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-            loss = F.mse_loss(model(x_t, t, *label_args).float(), eps)
-        accelerator.backward(loss / config.grad_accum)
-        total += loss.detach()
+        # Algorithm 1's MSE over the micro batch, as a sum over rows so that the worker
+        # threads' slices (batch_threads.py) add up to it; / grad_accum averages the micro
+        # batches.
+        scale = 1.0 / (eps.numel() * config.grad_accum)
+
+        def slice_loss(rows: slice) -> torch.Tensor:  # called within this iteration only
+            with accelerator.autocast():
+                prediction = model(x_t[rows], t[rows], *(y[rows] for y in label_args)).float()
+            return F.mse_loss(prediction, eps[rows], reduction="sum") * scale
+
+        if workers > 1:
+            total += backward_in_slices(slice_loss, micro_batch, model.parameters(), workers)
+        else:
+            with nullcontext() if micro == config.grad_accum - 1 else accelerator.no_sync(model):
+                loss = slice_loss(slice(None))
+                accelerator.backward(loss)
+            total += loss.detach()
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
     finite = bool(torch.isfinite(grad_norm))
     if not finite and config.precision != "fp16":
         raise TrainingError(
-            f"non-finite gradient at step {step} (loss {float(total) / config.grad_accum:.4g}); "
+            f"non-finite gradient at step {step} (loss {float(total):.4g}); "
             "stopped without saving this step: the last checkpoint and metrics are intact. "
             "Lower --lr or use --grad-clip"
         )
@@ -348,7 +367,7 @@ def _optimizer_step(
     optimizer.zero_grad(set_to_none=True)
     if accelerator.optimizer_step_was_skipped or not finite:
         return None
-    return total / config.grad_accum
+    return total
 
 
 @torch.no_grad()
