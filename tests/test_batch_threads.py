@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_config
-from ddpmkit.batch_threads import BatchThreads, backward_in_slices, map_slices, resolve_cpu_workers
+from ddpmkit.batch_threads import BatchThreads, _pool, backward_in_slices, map_slices, resolve_cpu_workers
 from ddpmkit.errors import ConfigError
 from ddpmkit.unet import UNet, UNetConfig
 
@@ -32,20 +32,39 @@ def test_split_forward_equals_the_whole_batch(workers):
     with torch.inference_mode():
         for args in ((x, t, y), (x, t), (x, 17), (x, torch.tensor(17), None), (x[:5], t[:5], y[:5])):
             torch.testing.assert_close(split(*args), model(*args), atol=1e-5, rtol=0)  # kernels round per batch size
+        torch.testing.assert_close(split(x, t=t, y=y), model(x, t, y), atol=1e-5, rtol=0)
     assert split.null_label == model.null_label == 3 and split.config is model.config
 
 
-def test_workers_are_other_threads_with_one_intra_op_thread_each():
-    caller_threads = torch.get_num_threads()
+@pytest.fixture
+def two_intra_op_threads():
+    """The caller on 2 threads (conftest sets 1, which would hide a worker left at the
+    caller's count), and fresh pools, whose creation is what changes thread counts."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    _pool.cache_clear()
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_workers_are_other_threads_with_one_intra_op_thread_each(two_intra_op_threads):
     seen = map_slices(lambda rows: (rows, threading.get_ident(), torch.get_num_threads()), 10, 3)
     assert [rows for rows, _, _ in seen] == [slice(0, 3), slice(3, 6), slice(6, 10)]
     assert {count for _, _, count in seen} == {1}
     assert threading.get_ident() not in {ident for _, ident, _ in seen}
-    assert torch.get_num_threads() == caller_threads  # the caller keeps its own
+    assert torch.get_num_threads() == 2  # the caller keeps its own...
+    later = []  # ...and so does a thread started afterwards, which takes the process-wide default
+    thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert later == [2]
     assert map_slices(lambda rows: (rows, threading.get_ident()), 1, 4) == [(slice(0, 1), threading.get_ident())]
     capped = map_slices(lambda rows: (rows, threading.get_ident()), 10, 2, max_rows=3)
     assert [rows for rows, _ in capped] == [slice(0, 2), slice(2, 5), slice(5, 7), slice(7, 10)]
     assert len({ident for _, ident in capped}) <= 2 and threading.get_ident() not in {ident for _, ident in capped}
+    one_call = []
+    BatchThreads(lambda x: one_call.append(len(x)) or x, 1)(torch.zeros(300))  # one worker: the model's own call
+    assert one_call == [300]
     in_caller = map_slices(lambda rows: (rows, threading.get_ident()), 5, 1, max_rows=2)
     assert in_caller == [(slice(0, 1), threading.get_ident()), (slice(1, 3), threading.get_ident()), (slice(3, 5), threading.get_ident())]
 

@@ -26,6 +26,7 @@ worker thread by itself; the workers re-enter the caller's.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -63,11 +64,22 @@ def resolve_cpu_workers(requested: int, *, on_cpu: bool, processes: int = 1, com
     return requested
 
 
+def _single_threaded() -> None:
+    torch.set_num_threads(1)  # this thread's OpenMP/MKL count, and the process-wide default
+    torch.get_num_threads()  # fixes this thread's count now, before _pool restores the default
+
+
 @functools.cache
 def _pool(workers: int) -> ThreadPoolExecutor:
-    # torch.set_num_threads in a pool thread sets that thread's OpenMP/MKL thread count
-    # only: the caller keeps its own.
-    return ThreadPoolExecutor(workers, thread_name_prefix="ddpmkit-batch", initializer=torch.set_num_threads, initargs=(1,))
+    caller_threads = torch.get_num_threads()
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="ddpmkit-batch", initializer=_single_threaded)
+    # Start every worker now (each task waits for all), so that none initialises later...
+    started = threading.Barrier(workers)
+    list(pool.map(lambda _: started.wait(), range(workers)))
+    # ...and put back the process-wide default that set_num_threads(1) changed, which
+    # threads started later (a server's handler threads, say) would otherwise inherit.
+    torch.set_num_threads(caller_threads)
+    return pool
 
 
 def _caller_state() -> Callable[[], ExitStack]:
@@ -139,27 +151,28 @@ ROWS_PER_CALL = 64
 
 
 class BatchThreads(nn.Module):
-    """``model(x, *rest)`` with the batch split across ``workers`` CPU threads
+    """``model(x, *rest, **named)`` with the batch split across ``workers`` CPU threads
     (map_slices, slices of at most ROWS_PER_CALL) and the outputs concatenated: a drop-in
     for the model in samplers, validation and FID. Tensor arguments with the batch's
     length are split alongside x; anything else (an int t, y=None) goes whole to every
-    slice."""
+    slice. With one worker it is the model's own call."""
 
     def __init__(self, model: nn.Module, workers: int) -> None:
         super().__init__()
         self.model = model
         self.workers = workers
 
-    def forward(self, x: torch.Tensor, *rest: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *rest: Any, **named: Any) -> torch.Tensor:
         batch = x.shape[0]
 
         def on_slice(rows: slice) -> torch.Tensor:
             def part(value: Any) -> Any:
                 return value[rows] if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch else value
 
-            return self.model(x[rows], *map(part, rest))
+            return self.model(x[rows], *map(part, rest), **{name: part(value) for name, value in named.items()})
 
-        return torch.cat(map_slices(on_slice, batch, self.workers, ROWS_PER_CALL))
+        # With one worker, one call as the model alone would get it (GPU, compile).
+        return torch.cat(map_slices(on_slice, batch, self.workers, ROWS_PER_CALL if self.workers > 1 else None))
 
     def __getattr__(self, name: str) -> Any:
         # The wrapped model's attributes (null_label, config), as torch.compile's wrapper does.
