@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from ddpmkit.batch_threads import ROWS_PER_CALL, backward_in_slices, map_slices
+from ddpmkit.batch_threads import BatchThreads, backward_in_slices
 
 RESULTS = Path(__file__).parent / "results"
 IMAGE = (1, 28, 28)
@@ -121,7 +121,7 @@ def sampling_forward(case: Case, batch: int, device: str) -> Callable[[], None]:
 
     def step() -> None:
         with torch.inference_mode():
-            torch.cat(map_slices(lambda rows: forward(x[rows], t[rows]), batch, case.workers, ROWS_PER_CALL if case.workers > 1 else None))
+            BatchThreads(forward, case.workers)(x, t)
 
     return step
 

@@ -46,7 +46,7 @@ def resolve_cpu_workers(requested: int, *, on_cpu: bool, processes: int = 1, com
     1 (no splitting) where it does not. An explicit count > 1 where it cannot apply is
     a ConfigError, not silently ignored."""
     if requested < 0:
-        raise ConfigError(f"cpu_workers must be >= 0 (0: one per core), got {requested}")
+        raise ConfigError(f"cpu_workers must be >= 0 (0: one per core, 1: off), got {requested}")
     reasons = [
         reason
         for applies, reason in (

@@ -184,6 +184,8 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
         position.update({k: checkpoint.state[k] for k in position})
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device)
+    # The evaluation passes (validation, preview grids, per-epoch FID) on the worker threads.
+    model_for_evaluation, ema_for_evaluation = BatchThreads(model, workers), BatchThreads(ema, workers)
     train_images = train_set.images.to(accelerator.device)
     train_labels = train_set.labels.to(accelerator.device)
 
@@ -260,12 +262,12 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
             if stop.requested:
                 break
             if position["batch_in_epoch"] == batches_per_epoch:  # an epoch ended
-                val_loss = validation_loss(accelerator, BatchThreads(model, workers), schedule, val_set, config)
+                val_loss = validation_loss(accelerator, model_for_evaluation, schedule, val_set, config)
                 position.update(epoch=epoch + 1, batch_in_epoch=0)
                 record: dict[str, Any] = {"step": position["step"], "epoch": epoch, "val_loss": val_loss}
                 if main and config.sample_every_epoch:
                     grid = run_dir / "samples" / f"epoch-{epoch:03d}.png"
-                    preview = _preview_samples(BatchThreads(ema, workers), schedule, config, (info.channels, info.image_size, info.image_size), accelerator.device)
+                    preview = _preview_samples(ema_for_evaluation, schedule, config, (info.channels, info.image_size, info.image_size), accelerator.device)
                     with _writing(grid):
                         save_image_grid(preview, grid)
                     record["samples"] = str(grid.relative_to(run_dir))
@@ -273,7 +275,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
                         tensorboard.add_image("samples", image_grid(preview), position["step"], dataformats="HWC")
                 # Sampled on the main process only; the others wait at write_checkpoint's barrier.
                 if main and fid_extractor is not None:
-                    record["fid"] = _epoch_fid(BatchThreads(ema, workers), schedule, val_set, fid_extractor, config, accelerator.device)
+                    record["fid"] = _epoch_fid(ema_for_evaluation, schedule, val_set, fid_extractor, config, accelerator.device)
                 _log(main, run_dir, record, tensorboard)
                 is_best = position["best_val_loss"] is None or val_loss < position["best_val_loss"]
                 if is_best:
