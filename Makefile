@@ -24,7 +24,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # Torch first and on its own, so the spec chosen here is what the package's
-# torch>=2.2 requirement finds already satisfied.
+# torch requirement finds already satisfied.
 $(VENV)/.installed-demo: pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e ".[mnist5k]"

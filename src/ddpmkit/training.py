@@ -171,13 +171,17 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
     torch.manual_seed(config.seed)  # identical initial weights on every process
     model = UNet.from_config(model_config)
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # never trained: always in eval mode
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    # Fused: one kernel for the whole update instead of a handful of element-wise passes per
+    # tensor; 40.6 -> 16.4 ms per step for the poster's 6.4M parameters on 2 CPU threads
+    # (benchmarks/README.md), the same weights up to rounding. CPU (torch >= 2.4) and CUDA.
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
     position = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_loss": None, "skipped_steps": 0}
     if resume:
         checkpoint = load_checkpoint(latest_checkpoint(run_dir))
         load_weights(model, checkpoint.model, source=str(checkpoint.path))
         load_weights(ema, checkpoint.ema, source=f"{checkpoint.path} (EMA)")
         optimizer.load_state_dict(checkpoint.optimizer)
+        _give_moments_their_parameters_layout(optimizer)
         torch.set_rng_state(checkpoint.rng_states["cpu"])
         if "cuda" in checkpoint.rng_states and torch.cuda.is_available():
             torch.cuda.set_rng_state(checkpoint.rng_states["cuda"])
@@ -373,6 +377,21 @@ def _optimizer_step(
 
 
 @torch.no_grad()
+def _give_moments_their_parameters_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Store each per-parameter state tensor (Adam's moments) in its parameter's memory layout.
+
+    Checkpoints hold tensors contiguous, while the UNet's conv weights are channels_last.
+    The fused Adam kernel walks parameter, gradient and moments in storage order, so with
+    mismatched layouts it pairs each weight with another weight's moments and silently
+    scrambles the update (measured: a resumed tiny run ended 5e-3 away from the
+    uninterrupted one; with the layouts restored it is bit-identical).
+    """
+    for parameter, state in optimizer.state.items():
+        for name, value in state.items():
+            if torch.is_tensor(value) and value.shape == parameter.shape:
+                state[name] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
+
+
 def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
     # Warm-up (as TensorFlow's ExponentialMovingAverage with num_updates): a plain 0.9999
     # average would stay mostly the random initialisation for ~10k steps.

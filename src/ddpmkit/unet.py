@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import typing
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
 import torch
@@ -35,6 +36,7 @@ from torch import nn
 
 from .config import _check_type, _require
 from .errors import ConfigError
+from .group_norm import GroupNorm
 
 
 @dataclass(frozen=True)
@@ -107,8 +109,8 @@ def group_count(channels: int) -> int:
     return max(groups for groups in range(1, 33) if channels % groups == 0 and (channels // groups >= 2 or groups == 1))
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(group_count(channels), channels)
+def group_norm(channels: int, silu: bool = False) -> GroupNorm:
+    return GroupNorm(group_count(channels), channels, silu=silu)
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
@@ -139,22 +141,20 @@ class ResBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, embedding_dim: int, dropout: float) -> None:
         super().__init__()
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = group_norm(in_channels, silu=True)
         self.conv1 = conv3x3(in_channels, out_channels)
         self.embedding_projection = nn.Linear(embedding_dim, out_channels)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = group_norm(out_channels, silu=True)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = conv3x3(out_channels, out_channels)
         self.skip = nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor, activated_embedding: torch.Tensor) -> torch.Tensor:
-        # In place to spare memory traffic: sampling 1.065x (benchmarks/README.md). The adds
-        # always (a conv's backward does not need its output); SiLU only without autograd,
-        # the case that was measured.
-        inplace_silu = not torch.is_grad_enabled()
-        h = self.conv1(F.silu(self.norm1(x), inplace=inplace_silu))
+        # norm1 and norm2 include the SiLU (group_norm.py). The adds are in place to spare
+        # memory traffic (a conv's backward does not need its output).
+        h = self.conv1(self.norm1(x))
         h += self.embedding_projection(activated_embedding)[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=inplace_silu)))
+        h = self.conv2(self.dropout(self.norm2(h)))
         return h.add_(self.skip(x))
 
 
@@ -325,7 +325,9 @@ class UNet(nn.Module):
         self.up = nn.ModuleList(up)
 
         out_channels = config.in_channels if config.out_channels is None else config.out_channels
-        self.output = nn.Sequential(group_norm(channels), nn.SiLU(), conv3x3(channels, out_channels))
+        # Keys "0" and "2", as when a separate SiLU module sat between the two: checkpoints
+        # written before GroupNorm took the SiLU in load unchanged.
+        self.output = nn.Sequential(OrderedDict([("0", group_norm(channels, silu=True)), ("2", conv3x3(channels, out_channels))]))
         # Zero-initialised (improved-diffusion): a fresh model predicts eps = 0, the mean of
         # the target, so the first loss is ~1 and the first updates do not have to undo a
         # random output layer's large, arbitrary predictions.
