@@ -222,7 +222,7 @@ class GroupNorm(nn.GroupNorm):
         self.silu = silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _fast_path_applies(x):
+        if not _fast_path_applies(x, self.weight):
             y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
             return F.silu(y, inplace=not torch.is_grad_enabled()) if self.silu else y
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or self.bias.requires_grad):
@@ -234,10 +234,10 @@ class GroupNorm(nn.GroupNorm):
         return super().extra_repr() + (", silu=True" if self.silu else "")
 
 
-def _fast_path_applies(x: torch.Tensor) -> bool:
+def _fast_path_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         x.device.type == "cpu"
-        and x.dtype == torch.float32
+        and x.dtype == weight.dtype == torch.float32
         and x.dim() == 4
         and x.is_contiguous(memory_format=torch.channels_last)
         and not torch.compiler.is_compiling()
