@@ -98,3 +98,24 @@ def test_conditional_training_uses_labels(folder_dataset, tmp_path):
     train(tiny_config(folder_dataset, conditional=True, max_steps=3), run, progress=False)
     trained = load_trained_model(run)
     assert trained.model.null_label == 2  # two classes + the "no label" slot
+
+
+
+def test_the_ema_update_records_no_autograd_history():
+    # The EMA copy is never trained: under autograd every update would chain another graph
+    # node onto each EMA weight, a leak that grows with the run.
+    import copy
+
+    from ddpmkit.training import _update_ema
+    from ddpmkit.unet import UNet
+
+    model = UNet(base_channels=8, channel_mults=(1,), num_res_blocks=1)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    before = [p.clone() for p in ema.parameters()]
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    for step in range(3):
+        _update_ema(ema, model, 0.999, step)
+    assert all(not p.requires_grad and p.grad_fn is None for p in ema.parameters())
+    assert all(not torch.equal(p, old) for p, old in zip(ema.parameters(), before))  # it did update

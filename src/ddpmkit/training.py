@@ -376,7 +376,6 @@ def _optimizer_step(
     return total
 
 
-@torch.no_grad()
 def _give_moments_their_parameters_layout(optimizer: torch.optim.Optimizer) -> None:
     """Store each per-parameter state tensor (Adam's moments) in its parameter's memory layout.
 
@@ -392,6 +391,7 @@ def _give_moments_their_parameters_layout(optimizer: torch.optim.Optimizer) -> N
                 state[name] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
 
 
+@torch.no_grad()
 def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
     # Warm-up (as TensorFlow's ExponentialMovingAverage with num_updates): a plain 0.9999
     # average would stay mostly the random initialisation for ~10k steps.
