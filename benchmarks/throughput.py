@@ -120,10 +120,11 @@ def sampling_forward(case: Case, batch: int, device: str) -> Callable[[], None]:
     model, forward = case.model(device)
     model.eval()
     x, t = case.inputs(batch, device)
+    split_forward = BatchThreads(forward, case.workers)
 
     def step() -> None:
         with torch.inference_mode():
-            BatchThreads(forward, case.workers)(x, t)
+            split_forward(x, t)
 
     return step
 

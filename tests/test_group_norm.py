@@ -113,9 +113,9 @@ def test_other_inputs_take_torch_group_norm(make_input, kernel_calls):
     x = make_input()
     expected = F.silu(F.group_norm(x, 32, norm.weight.to(x.dtype), norm.bias.to(x.dtype), norm.eps))
     with torch.no_grad():
-        out = GroupNorm(32, 64, silu=True).to(x.dtype).requires_grad_(False)
-        out.load_state_dict(norm.state_dict())
-        result = out(x)
+        module = GroupNorm(32, 64, silu=True).to(x.dtype).requires_grad_(False)
+        module.load_state_dict(norm.state_dict())
+        result = module(x)
     assert kernel_calls == []
     assert torch.equal(result, expected)
 

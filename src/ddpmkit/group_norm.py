@@ -42,8 +42,6 @@ F.silu. The numba kernels release the GIL, so ddpmkit's worker threads
 
 from __future__ import annotations
 
-import functools
-
 import numba
 import numpy as np
 import torch
@@ -209,8 +207,8 @@ class _ChannelsLastGroupNorm(torch.autograd.Function):
         )
         grad_input = torch.empty_like(x, memory_format=torch.channels_last)
         _input_gradient(*tensors, g_scale, x_scale, offset, _pixels_by_channel(grad_input))
-        as_parameter = functools.partial(torch.as_tensor, dtype=weight.dtype)
-        return grad_input, as_parameter(grad_weight), as_parameter(grad_bias), None, None, None
+        grad_weight, grad_bias = (torch.as_tensor(grad, dtype=weight.dtype) for grad in (grad_weight, grad_bias))
+        return grad_input, grad_weight, grad_bias, None, None, None
 
 
 class GroupNorm(nn.GroupNorm):
