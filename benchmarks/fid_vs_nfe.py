@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from ddpmkit.checkpoint import load_trained_model  # noqa: E402
 from ddpmkit.data import load_dataset  # noqa: E402
-from ddpmkit.evaluation import compute_fid, load_extractor, reference_features  # noqa: E402
+from ddpmkit.fid import compute_fid, load_extractor, reference_features  # noqa: E402
 from ddpmkit.samplers import SAMPLER_NAMES, SPACING_NAMES, sample_batches  # noqa: E402
 
 

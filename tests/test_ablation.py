@@ -6,10 +6,11 @@ import pytest
 
 from conftest import tiny_config
 from ddpmkit import ConfigError, DdpmError
-from ddpmkit import ablation
+from ddpmkit import ablation, fid
 from ddpmkit.ablation import Combination, combinations, is_finished, run_ablation
 from ddpmkit.checkpoint import latest_checkpoint, load_checkpoint
-from ddpmkit.classifier import Classifier, classifier_cache_dir, safe_name, save_classifier
+from ddpmkit.classifier import Classifier, classifier_cache_dir, save_classifier
+from ddpmkit.io import safe_name
 from ddpmkit.cli import main
 from ddpmkit.training import train
 
@@ -87,14 +88,14 @@ def test_ablation_resumes_skips_and_reuses_its_samples(folder_dataset, tmp_path,
 
     # Run again: both runs are finished and their FID samples stored, so nothing is trained or sampled.
     calls.clear()
-    sample_batches = ablation.sample_batches
-    monkeypatch.setattr(ablation, "sample_batches", lambda *args, **kwargs: pytest.fail("sampled again"))
+    sample_batches = fid.sample_batches
+    monkeypatch.setattr(fid, "sample_batches", lambda *args, **kwargs: pytest.fail("sampled again"))
     again = run_ablation(base, out, **kwargs)
     assert calls == []
     assert [(row["train_fid"], row["test_fid"], row["train_seconds"]) for row in again] == [
         (row["train_fid"], row["test_fid"], row["train_seconds"]) for row in rows]
     # More epochs make the finished runs unfinished: both are resumed.
-    monkeypatch.setattr(ablation, "sample_batches", sample_batches)
+    monkeypatch.setattr(fid, "sample_batches", sample_batches)
     run_ablation(base.replace(epochs=3), out, **kwargs)
     assert calls == [("linear-noattn", True), ("linear-attn", True)]
 

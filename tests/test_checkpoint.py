@@ -11,12 +11,12 @@ from ddpmkit import CheckpointError
 from ddpmkit.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
-    load_weights,
     prune_checkpoints,
     resolve_checkpoint,
     save_checkpoint,
     step_checkpoint_path,
 )
+from ddpmkit.io import load_weights
 
 
 def _module(width=4):

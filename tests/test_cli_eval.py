@@ -18,9 +18,10 @@ from ddpmkit.checkpoint import load_trained_model
 from ddpmkit.classifier import find_classifier, train_and_cache_classifier
 from ddpmkit.cli import main
 from ddpmkit.data import load_dataset
-from ddpmkit.evaluation import classifier_extractor, frechet_distance, minibatch_fid
-from ddpmkit.samplers import seeded_generator
-from ddpmkit.training import _STREAM_FID, train
+from ddpmkit.fid import classifier_extractor, minibatch_fid
+from ddpmkit.metrics import frechet_distance
+from ddpmkit.rng import TrainingStream, seeded_generator
+from ddpmkit.training import train
 
 TINY_TRAIN = ["--image-size", "8", "--channels", "1", "--num-steps", "50", "--base-channels", "8", "--channel-mults", "1,2",
               "--num-res-blocks", "1", "--batch-size", "8", "--checkpoint-every", "100", "--sample-every-epoch", "4",
@@ -180,7 +181,7 @@ def test_per_epoch_fid_tensorboard_and_fid_curve(cache, folder_dataset, tmp_path
     validation = load_dataset(_dataset(folder_dataset), "val", image_size=8, channels=1)
     expected = minibatch_fid(
         trained.model, trained.schedule, validation, classifier_extractor(find_classifier(_dataset(folder_dataset))),
-        num_images=8, batch_size=8, seed=seeded_generator(0, _STREAM_FID).initial_seed(), sampler="ddim", steps=5,
+        num_images=8, batch_size=8, seed=seeded_generator(0, TrainingStream.FID).initial_seed(), sampler="ddim", steps=5,
     )
     assert epochs[-1]["fid"] == pytest.approx(expected, rel=1e-5)
 

@@ -17,7 +17,8 @@ from test_cli import TINY
 from ddpmkit.checkpoint import load_trained_model
 from ddpmkit.classifier import classifier_cache_dir, classifier_dir_name, load_classifier, save_classifier, train_classifier
 from ddpmkit.cli import main
-from ddpmkit.data import load_dataset, to_model_range
+from ddpmkit.data import load_dataset
+from ddpmkit.images import to_model_range
 from ddpmkit.samplers import sample_batches
 from ddpmkit.schedules import make_schedule
 

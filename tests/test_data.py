@@ -42,9 +42,8 @@ from ddpmkit.data import (
     load_dataset,
     parse_cifar_batch,
     parse_idx,
-    to_model_range,
-    to_uint8,
 )
+from ddpmkit.images import to_model_range, to_uint8
 from ddpmkit.errors import ConfigError, DataError
 
 # Deterministic (derandomize) and without an example database, so every run checks the same inputs.

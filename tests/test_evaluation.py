@@ -10,21 +10,13 @@ import requests
 import scipy.linalg
 import torch
 
-from ddpmkit import evaluation
+from ddpmkit import fid, inception, metrics
 from ddpmkit.data import DatasetInfo, ImageDataset
 from ddpmkit.errors import CheckpointError, ConfigError, DdpmError
-from ddpmkit.evaluation import (
-    FeatureExtractor,
-    FeatureStats,
-    FIDInceptionV3,
-    compute_fid,
-    frechet_distance,
-    frechet_distance_from_stats,
-    minibatch_fid,
-    precision_recall,
-    real_vs_real,
-    reference_features,
-)
+from ddpmkit.fid import FeatureExtractor, compute_fid, minibatch_fid, real_vs_real, reference_features
+from ddpmkit.images import to_model_range
+from ddpmkit.inception import FIDInceptionV3
+from ddpmkit.metrics import FeatureStats, frechet_distance, frechet_distance_from_stats, precision_recall
 from ddpmkit.schedules import linear_schedule
 
 
@@ -118,7 +110,7 @@ def test_precision_recall_blocks_give_the_unblocked_result(monkeypatch):
     rng = np.random.default_rng(5)
     real, fake = rng.normal(size=(150, 4)), rng.normal(size=(150, 4)) * 1.3
     whole = precision_recall(real, fake)
-    monkeypatch.setattr(evaluation, "_DISTANCE_BLOCK_ENTRIES", 150 * 7)  # blocks of 7 rows
+    monkeypatch.setattr(metrics, "_DISTANCE_BLOCK_ENTRIES", 150 * 7)  # blocks of 7 rows
     assert precision_recall(real, fake) == whole
     assert 0.5 < whole[0] < 1.0 and 0.5 < whole[1] < 1.0  # a non-trivial case
 
@@ -180,7 +172,7 @@ def test_a_damaged_cache_file_is_recomputed(tmp_path):
 def test_extractor_quantises_generated_samples_like_saved_images():
     extractor = mean_pool_extractor()
     samples = torch.full((3, 1, 8, 8), 0.3001)  # between two uint8 levels
-    features = evaluation.generated_features(extractor, samples)
+    features = fid.generated_features(extractor, samples)
     level = round((0.3001 + 1) * 127.5)  # 166
     np.testing.assert_allclose(features, level / 127.5 - 1, rtol=1e-6)
     with pytest.raises(ConfigError):
@@ -189,13 +181,12 @@ def test_extractor_quantises_generated_samples_like_saved_images():
 
 def test_classifier_extractor_gives_the_penultimate_features(tmp_path, monkeypatch):
     from ddpmkit.classifier import Classifier, save_classifier
-    from ddpmkit.data import to_model_range
 
     monkeypatch.setenv("DDPMKIT_CACHE", str(tmp_path))
     torch.manual_seed(0)
     model = Classifier(1, 8, num_classes=2, width=8).eval()
     save_classifier(model, {"dataset": "toy"}, tmp_path / "classifiers" / "toy")
-    extractor = evaluation.load_extractor("classifier", "toy")
+    extractor = fid.load_extractor("classifier", "toy")
     images = tiny_dataset("test").images
     with torch.no_grad():
         expected = model.features(to_model_range(images)).numpy()
@@ -205,9 +196,9 @@ def test_classifier_extractor_gives_the_penultimate_features(tmp_path, monkeypat
 
     save_classifier(Classifier(1, 8, num_classes=2, width=8, time_conditioned=True), {}, tmp_path / "noisy")
     with pytest.raises(ConfigError, match="time-conditioned"):
-        evaluation.classifier_extractor(tmp_path / "noisy")
+        fid.classifier_extractor(tmp_path / "noisy")
     with pytest.raises(ConfigError, match="unknown feature extractor"):
-        evaluation.load_extractor("vgg", "toy")
+        fid.load_extractor("vgg", "toy")
 
 
 # --- compute_fid, resumable -------------------------------------------------------------------
@@ -235,11 +226,11 @@ def test_compute_fid_reports_metrics_and_provenance(tmp_path):
     assert result["extractor"] == "quarters" and result["extractor_sha256"] == "a" * 64
     assert result["settings"] == {"sampler": "ddim", "steps": 10}
     # Uniform noise images vs uniform noise images: a small FID, computed as documented.
-    fake = np.concatenate([evaluation.generated_features(mean_pool_extractor(), b) for b in batch_generator([])(0)])
+    fake = np.concatenate([fid.generated_features(mean_pool_extractor(), b) for b in batch_generator([])(0)])
     train = reference_features(references[0], mean_pool_extractor(), cache_dir=tmp_path)
     assert result["splits"]["toy/train"]["fid"] == pytest.approx(frechet_distance(train.features, fake), rel=1e-9)
     assert result["splits"]["toy/train"]["precision"] == pytest.approx(
-        precision_recall(evaluation._subset(train.features, 50), fake)[0]
+        precision_recall(fid._subset(train.features, 50), fake)[0]
     )
 
 
@@ -292,7 +283,7 @@ def test_minibatch_fid_compares_samples_with_the_first_validation_images():
     from ddpmkit.samplers import sample_batches
 
     samples = torch.cat(list(sample_batches(model, schedule, 24, 8, (1, 8, 8), seed=7, **kwargs)))
-    expected = frechet_distance(mean_pool_extractor()(validation.images[:24]), evaluation.generated_features(mean_pool_extractor(), samples))
+    expected = frechet_distance(mean_pool_extractor()(validation.images[:24]), fid.generated_features(mean_pool_extractor(), samples))
     assert value == pytest.approx(expected, rel=1e-9)
 
 
@@ -368,7 +359,7 @@ def test_fid_inception_equals_torch_fidelitys_port_of_the_tensorflow_graph(tmp_p
         torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-6)
         # The comparison sees the TensorFlow graph's quirks: an average pool in the last
         # block (torchvision's choice) changes the features.
-        ours.Mixed_7c.pool = evaluation._tf_average_pool
+        ours.Mixed_7c.pool = inception._tf_average_pool
         assert (ours((images.float() - 128) / 128) - expected).abs().max() > 1e-3
 
 
@@ -379,12 +370,14 @@ def test_inception_weights_missing_offline_names_the_folder(tmp_path, monkeypatc
     def offline(*args, **kwargs):
         raise requests.exceptions.ConnectionError("no network")
 
-    monkeypatch.setattr(evaluation.pooch, "retrieve", offline)
+    import pooch
+
+    monkeypatch.setattr(pooch, "retrieve", offline)
     with pytest.raises(DdpmError, match="pt_inception-2015-12-05-6726825d.pth") as error:
-        evaluation.inception_extractor()
+        fid.inception_extractor()
     assert str(tmp_path / "cache" / "inception") in str(error.value)
     with pytest.raises(DdpmError, match="does not exist"):
-        evaluation.inception_extractor(tmp_path / "nowhere.pth")
+        fid.inception_extractor(tmp_path / "nowhere.pth")
 
 
 def test_inception_weights_are_loaded_strictly_and_checked(tmp_path, monkeypatch):
@@ -396,21 +389,21 @@ def test_inception_weights_are_loaded_strictly_and_checked(tmp_path, monkeypatch
     path = tmp_path / "weights.pth"
     torch.save(state, path)
     with pytest.raises(CheckpointError, match="not the FID Inception weights"):
-        evaluation.load_inception(path)
+        inception.load_inception(path)
     import pooch
 
-    monkeypatch.setattr(evaluation, "INCEPTION_SHA256_PREFIX", pooch.file_hash(str(path))[:8])
-    extractor = evaluation.inception_extractor(path)
+    monkeypatch.setattr(inception, "INCEPTION_SHA256_PREFIX", pooch.file_hash(str(path))[:8])
+    extractor = fid.inception_extractor(path)
     images = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
     features = extractor(images)
     assert features.shape == (2, 2048) and np.isfinite(features).all()
     with torch.inference_mode():
-        expected = network.eval()(evaluation.to_model_range(images).expand(-1, 3, -1, -1))
+        expected = network.eval()(to_model_range(images).expand(-1, 3, -1, -1))
     np.testing.assert_allclose(features, expected.numpy(), rtol=1e-5, atol=1e-6)
     assert extractor.weights_sha256 == pooch.file_hash(str(path))
 
     del state["fc.bias"]
     torch.save(state, path)
-    monkeypatch.setattr(evaluation, "INCEPTION_SHA256_PREFIX", pooch.file_hash(str(path))[:8])
+    monkeypatch.setattr(inception, "INCEPTION_SHA256_PREFIX", pooch.file_hash(str(path))[:8])
     with pytest.raises(CheckpointError, match="missing: fc.bias"):
-        evaluation.load_inception(path)
+        inception.load_inception(path)

@@ -13,7 +13,8 @@ from ddpmkit.figures import (
     forward_process_frames,
     reverse_process_frames,
 )
-from ddpmkit.samplers import sample, seeded_generator, timestep_indices
+from ddpmkit.rng import seeded_generator
+from ddpmkit.samplers import sample, timestep_indices
 from ddpmkit.schedules import make_schedule
 
 

@@ -8,7 +8,8 @@ import torch
 
 from ddpmkit import ConfigError, linear_schedule
 from ddpmkit.classifier import Classifier
-from ddpmkit.guidance import DEFAULT_NULL_LABEL, GUIDANCE_FORMS, make_classifier_guidance, make_denoiser
+from ddpmkit.guidance import GUIDANCE_FORMS, make_classifier_guidance, make_denoiser
+from ddpmkit.unet import NO_LABEL
 from ddpmkit.samplers import sample, timestep_indices
 from ddpmkit.unet import UNet
 
@@ -45,7 +46,7 @@ def test_models_without_null_label_get_minus_one():
         return torch.zeros_like(x)
 
     make_denoiser(model, torch.tensor([4, 5]), 1.0)(torch.zeros(2, 1, 1, 1), torch.tensor([0, 0]))
-    assert DEFAULT_NULL_LABEL == -1 and seen == [[4, 5, -1, -1]]
+    assert NO_LABEL == -1 and seen == [[4, 5, -1, -1]]
 
 
 def test_weight_zero_is_plain_conditional_sampling_exactly():

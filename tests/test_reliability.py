@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import ddpmkit.checkpoint as checkpoint_module
-import ddpmkit.evaluation as evaluation
+import ddpmkit.inception as inception
 from conftest import tiny_config
 from ddpmkit import CheckpointError
 from ddpmkit.checkpoint import latest_checkpoint, load_checkpoint, load_trained_model, step_checkpoint_path, step_checkpoints
@@ -152,9 +152,9 @@ def test_a_crafted_pickle_is_refused_without_running(folder_dataset, tmp_path, c
         assert main(argv) == 2
         assert "not a readable ddpmkit checkpoint" in _one_error_line(capsys)
     # The one torch.load (FID Inception weights) has weights_only=True; pass its hash check to reach it.
-    monkeypatch.setattr(evaluation, "INCEPTION_SHA256_PREFIX", "")
+    monkeypatch.setattr(inception, "INCEPTION_SHA256_PREFIX", "")
     with pytest.raises(CheckpointError, match="not a readable torch weights file"):
-        evaluation.load_inception(tmp_path / "evil.pt")
+        inception.load_inception(tmp_path / "evil.pt")
     assert not marker.exists()
     pickle.loads((run / "checkpoints" / "step-000000001.safetensors").read_bytes())
     assert marker.exists()  # the files were real exploits

@@ -27,9 +27,9 @@ from ddpmkit.samplers import (
     SPACING_NAMES,
     sample,
     sample_batches,
-    seeded_generator,
     timestep_indices,
 )
+from ddpmkit.rng import seeded_generator
 
 MU, STD = 0.3, 0.5
 SCHEDULES = {"linear": linear_schedule(), "cosine": cosine_schedule()}

@@ -13,8 +13,9 @@ import torch
 from test_guidance import SCHEDULE, MixtureClassifier, MixtureModel, UnconditionalMixtureModel
 
 from ddpmkit import ConfigError
-from ddpmkit.data import to_uint8
-from ddpmkit.evaluation import FeatureExtractor, FeatureStats, Reference, compare
+from ddpmkit.images import to_uint8
+from ddpmkit.fid import FeatureExtractor, Reference, compare
+from ddpmkit.metrics import FeatureStats
 from ddpmkit.sweeps import guidance_sweep, plot_guidance_sweep, write_guidance_sweep
 
 IMAGE_SHAPE = (1, 2, 2)

@@ -5,42 +5,55 @@ The Python API a notebook user calls; the ``ddpm`` command is thin glue over it:
     import ddpmkit
     trained = ddpmkit.load_trained_model("runs/demo")
     images = ddpmkit.sample(trained.model, trained.schedule, (16, *trained.image_shape), sampler="ddim", steps=50)
+
+The names below are loaded on first use (PEP 562), so ``import ddpmkit`` (and ``ddpm
+--help``) does not import torch.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from .checkpoint import TrainedModel, load_trained_model
-from .config import TrainConfig
-from .data import ImageDataset, load_dataset
-from .errors import CheckpointError, ConfigError, DataError, DdpmError, TrainingError
-from .evaluation import compute_fid, frechet_distance, precision_recall
-from .samplers import sample, sample_batches
-from .schedules import NoiseSchedule, cosine_schedule, linear_schedule, make_schedule
-from .training import train
-from .unet import UNet, UNetConfig
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "TrainedModel": "checkpoint",
+    "load_trained_model": "checkpoint",
+    "TrainConfig": "config",
+    "ImageDataset": "data",
+    "load_dataset": "data",
+    "CheckpointError": "errors",
+    "ConfigError": "errors",
+    "DataError": "errors",
+    "DdpmError": "errors",
+    "TrainingError": "errors",
+    "compute_fid": "fid",
+    "frechet_distance": "metrics",
+    "precision_recall": "metrics",
+    "ddpm_loss": "objectives",
+    "sample": "samplers",
+    "sample_batches": "samplers",
+    "NoiseSchedule": "schedules",
+    "cosine_schedule": "schedules",
+    "linear_schedule": "schedules",
+    "make_schedule": "schedules",
+    "train": "training",
+    "UNet": "unet",
+    "UNetConfig": "unet",
+}
+__all__ = ["__version__", *sorted(_EXPORTS)]
 
-__all__ = [
-    "__version__",
-    "CheckpointError",
-    "ConfigError",
-    "DataError",
-    "DdpmError",
-    "ImageDataset",
-    "NoiseSchedule",
-    "TrainConfig",
-    "TrainedModel",
-    "TrainingError",
-    "UNet",
-    "UNetConfig",
-    "compute_fid",
-    "cosine_schedule",
-    "frechet_distance",
-    "linear_schedule",
-    "load_dataset",
-    "load_trained_model",
-    "make_schedule",
-    "precision_recall",
-    "sample",
-    "sample_batches",
-    "train",
-]
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ddpmkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+

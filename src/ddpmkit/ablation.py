@@ -2,7 +2,7 @@
 
 ``run_ablation`` trains each combination of a base config into ``OUT/<schedule>-<attn|noattn>/``
 and measures its FID, precision and recall against the train and the test split, with the
-features of the dataset's cached classifier (evaluation.py), as on the poster. It can be
+features of the dataset's cached classifier (fid.py), as on the poster. It can be
 stopped and run again at any moment: a finished run is not retrained, an unfinished one
 is resumed from its latest checkpoint (training.py continues it exactly), and the FID
 sampling resumes at its first unfinished batch (compute_fid's work directory,
@@ -11,30 +11,24 @@ sampling resumes at its first unfinished batch (compute_fid's work directory,
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
-
-import torch
-from tqdm.auto import tqdm
+from typing import Any
 
 from . import __version__
 from .checkpoint import latest_checkpoint, load_checkpoint, load_trained_model
+from .choices import ATTENTION_SWITCHES, SCHEDULE_NAMES, AttentionSwitch, ScheduleName
 from .config import TrainConfig
 from .data import load_dataset
 from .errors import ConfigError, DdpmError
-from .evaluation import FeatureExtractor, Reference, compute_fid, load_extractor, reference_features
-from .samplers import sample_batches
-from .schedules import SCHEDULE_NAMES, ScheduleName
+from .fid import FeatureExtractor, fid_settings, load_extractor, model_fid, reference_features, settings_digest
+from .io import write_json
 from .training import resolve_resume_config, train
+from .validation import check_choice
 
-AttentionSwitch = Literal["on", "off"]
-ATTENTION_SWITCHES: tuple[str, ...] = get_args(AttentionSwitch)
 ABLATION_FILE = "ablation.json"
 TRAIN_TIME_FILE = "train-time.json"
 EVALUATION_SPLITS = ("train", "test")
@@ -48,8 +42,7 @@ class Combination:
     attention: AttentionSwitch
 
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULE_NAMES:
-            raise ConfigError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULE_NAMES)}")
+        check_choice("schedule", self.schedule, SCHEDULE_NAMES)
         if self.attention not in ATTENTION_SWITCHES:
             raise ConfigError(f"attention must be one of {', '.join(ATTENTION_SWITCHES)}, got {self.attention!r}")
 
@@ -96,7 +89,7 @@ def train_combination(config: TrainConfig, run_dir: Path, *, progress: bool = Tr
     started = time.perf_counter()
     summary = train(config, run_dir, resume=checkpoint is not None, progress=progress)
     seconds = train_seconds(run_dir) + time.perf_counter() - started
-    (run_dir / TRAIN_TIME_FILE).write_text(json.dumps({"train_seconds": round(seconds, 1)}) + "\n")
+    write_json(run_dir / TRAIN_TIME_FILE, {"train_seconds": round(seconds, 1)}, what="training time")
     if summary.interrupted:
         raise DdpmError(f"training of {run_dir} was interrupted at step {summary.step}; run the same command again to resume it")
 
@@ -110,7 +103,6 @@ def train_seconds(run_dir: Path) -> float:
 def evaluate_run(
     run_dir: Path,
     extractor: FeatureExtractor,
-    references: Sequence[Reference],
     *,
     num: int,
     sampling: Mapping[str, Any],
@@ -119,21 +111,14 @@ def evaluate_run(
     device: str,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """compute_fid of ``num`` samples of the run's latest checkpoint (EMA weights) against
-    each reference, resumable in ``RUN/fid/<hash of the settings>/``."""
+    """fid.model_fid of ``num`` samples of the run's latest checkpoint (EMA weights) against
+    its train and test splits, resumable in ``RUN/fid/<digest of the settings>/``."""
     trained = load_trained_model(run_dir, ema=True, device=device)
-    settings = {"checkpoint": str(trained.path), "step": trained.step, "ema": True, "seed": seed, "batch_size": batch_size, **sampling}
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    total_batches = math.ceil(num / batch_size)
-
-    def generate(start_batch: int) -> Iterator[torch.Tensor]:
-        batches = sample_batches(
-            trained.model, trained.schedule, num, batch_size, trained.image_shape,
-            seed=seed, start_batch=start_batch, device=device, **sampling,
-        )
-        yield from tqdm(batches, total=total_batches - start_batch, desc=f"FID samples {run_dir.name}", unit="batch", disable=not progress)
-
-    return compute_fid(generate, num, extractor, references, settings=settings, work_dir=run_dir / "fid" / digest)
+    work_dir = run_dir / "fid" / settings_digest(fid_settings(trained, seed=seed, batch_size=batch_size, **sampling))
+    return model_fid(
+        trained, extractor, num=num, against=EVALUATION_SPLITS, batch_size=batch_size, seed=seed, device=device,
+        work_dir=work_dir, progress=progress, description=f"FID samples {run_dir.name}", **sampling,
+    )
 
 
 def run_ablation(
@@ -160,6 +145,7 @@ def run_ablation(
     cells = combinations(schedules, attentions)
     extractor = load_extractor("classifier", base.dataset, device=device)
     data = dict(data_dir=base.data_dir, image_size=base.image_size, channels=base.channels, seed=base.seed)
+    # Computed (and cached) now, so that a classifier that does not fit the data fails before any training.
     references = {split: reference_features(load_dataset(base.dataset, split, **data), extractor) for split in EVALUATION_SPLITS}
     rows = []
     for cell in cells:
@@ -167,8 +153,7 @@ def run_ablation(
         train_combination(cell.config(base), run_dir, progress=progress)
         started = time.perf_counter()
         result = evaluate_run(
-            run_dir, extractor, list(references.values()), num=num_fid, sampling=sampling,
-            seed=seed, batch_size=batch_size, device=device, progress=progress,
+            run_dir, extractor, num=num_fid, sampling=sampling, seed=seed, batch_size=batch_size, device=device, progress=progress,
         )
         rows.append(_row(cell, run_dir, result, {split: reference.name for split, reference in references.items()}, time.perf_counter() - started))
         write_ablation(out_dir / ABLATION_FILE, rows, dataset=base.dataset, num_fid=num_fid, sampling=sampling)
@@ -201,10 +186,8 @@ def _row(cell: Combination, run_dir: Path, result: Mapping[str, Any], split_name
 
 
 def write_ablation(path: Path, rows: list[dict[str, Any]], *, dataset: str, num_fid: int, sampling: Mapping[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = {"dataset": dataset, "num_fid": num_fid, "sampling": dict(sampling), "rows": rows}
-    path.write_text(json.dumps(table, indent=2, default=str) + "\n")
-    return path
+    return write_json(path, table, what="ablation table")
 
 
 def read_ablation(path: str | Path) -> dict[str, Any]:

@@ -1,12 +1,9 @@
 """Batch parallelism on CPU: one slice of the batch per core, each slice single-threaded.
 
-Why: on CPU, torch spreads each operator over all cores (intra-op threads). For this
-UNet's operators that scales poorly: on the 2-core machine of benchmarks/README.md a
-3x3 convolution of the poster's model ran only 1.34x faster on 2 threads than on 1.
-Splitting the batch instead, one slice per worker thread, each worker with one
-intra-op thread, keeps every core busy on work of its own: measured there in three
-runs, sampling forwards ran 1.26-1.48x and training steps 1.05-1.14x faster than the
-same batch on 2 intra-op threads (benchmarks/README.md, "Levers").
+Why: on CPU, torch spreads each operator over all cores (intra-op threads), and for
+this UNet's small operators that scales poorly. Splitting the batch instead, one slice
+per worker thread, each worker with one intra-op thread, keeps every core busy on work
+of its own; benchmarks/README.md ("Levers") has the measured gains.
 
 What stays the same: every image is computed as it would be in a batch of its own
 (the UNet has no operator that mixes images: GroupNorm is per image), so split
@@ -144,9 +141,8 @@ def backward_in_slices(slice_loss: Callable[[slice], torch.Tensor], batch: int, 
     return functools.reduce(torch.add, [loss for loss, _ in results])
 
 
-# Rows per model call in BatchThreads. Measured on the poster's UNet, 2 workers, batch 256
-# (benchmarks/README.md, "Levers"): slices of 64 ran 1.1x faster than 2 of 128, and 32 no
-# faster than 64. Smaller slices keep more of a layer's activations in the shared cache.
+# Rows per model call in BatchThreads: smaller slices keep more of a layer's activations in
+# the shared cache; 64 was the fastest size measured (benchmarks/README.md, "Levers").
 ROWS_PER_CALL = 64
 
 

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from . import __version__
 from .batch_threads import BatchThreads, resolve_cpu_workers
 from .config import TrainConfig, config_from_dict
 from .errors import CheckpointError
+from .io import load_weights, write_atomically
 from .schedules import NoiseSchedule, make_schedule
 from .unet import UNet, UNetConfig
 
@@ -164,26 +163,6 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     )
 
 
-def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], *, source: str) -> None:
-    """load_state_dict, but a mismatch names the keys and shapes that differ."""
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    reshaped = [
-        f"{k} {tuple(weights[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(weights))
-        if weights[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or reshaped:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", reshaped)):
-            if items:
-                shown = ", ".join(items[:4]) + (f" (+{len(items) - 4} more)" if len(items) > 4 else "")
-                parts.append(f"{label}: {shown}")
-        raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts))
-    module.load_state_dict(weights)
-
-
 def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
     for old in step_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
@@ -202,37 +181,7 @@ def remove_torn_writes(run_dir: str | Path) -> None:
                         path.unlink()
 
 
-def write_atomically(path: str | Path, write: Callable[[Path], object], *, what: str = "file") -> Path:
-    """write(temporary), fsync, rename over path, fsync the folder: all or nothing.
-
-    A full disk or a read-only folder becomes a CheckpointError naming ``what`` and path;
-    whatever was at path before is left as it was.
-    """
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(temporary)
-        _fsync_path(temporary)
-        os.replace(temporary, path)
-        _fsync_path(path.parent)
-    except (OSError, SafetensorError) as exc:  # safetensors reports its I/O errors as SafetensorError
-        with contextlib.suppress(OSError):  # the folder itself may be what failed
-            temporary.unlink(missing_ok=True)
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise CheckpointError(f"could not write {what} {path}: {reason}") from None
-    return path
-
-
 # --- helpers ---------------------------------------------------------------------------
-
-def _fsync_path(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
 
 def _read_metadata(handle: Any) -> dict[str, str]:
     # safetensors' header: 8-byte little-endian length, then a JSON object whose
@@ -287,9 +236,8 @@ def load_trained_model(
     ``cpu_workers`` splits each batch over that many CPU threads, one core each
     (batch_threads.py; 0: one per core on a CPU without compile, else off).
     ``compile`` wraps the model in ``torch.compile`` (inductor) instead: the first call
-    with each batch size compiles for about 1.5 minutes on a CPU. On the 2-core CPU of
-    benchmarks/README.md compiled forwards were 1.16x faster than one batch over both
-    cores, but slower than the default worker threads (0.79x); for a GPU, or long runs.
+    with each batch size compiles for minutes. Whether either pays on a machine is
+    measured in benchmarks/README.md.
     """
     checkpoint = load_checkpoint(resolve_checkpoint(path))
     try:

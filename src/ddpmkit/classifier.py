@@ -4,7 +4,7 @@ Two uses, one network:
 
 * Its penultimate activations (``features``, 128 numbers per image) are the feature
   space of the poster's FID and precision/recall on small grayscale datasets, where the
-  ImageNet Inception network sees out-of-domain images (see evaluation.py).
+  ImageNet Inception network sees out-of-domain images (see fid.py).
 * Built with ``time_conditioned=True`` and trained on noised images x_t (eq. 4 of Ho et
   al. 2020) it is the noisy classifier p(y | x_t, t) of classifier guidance (Dhariwal &
   Nichol 2021, section 4); the step enters as a sinusoidal embedding of the int64 step
@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import pooch
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
@@ -34,20 +31,22 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
-from .checkpoint import load_weights
-from .data import FOLDER_PREFIX, ImageDataset, load_dataset, to_model_range
+from .choices import DEFAULT_CLASSIFIER_EPOCHS, GUIDANCE_FORMS, GuidanceForm
+from .data import FOLDER_PREFIX, ImageDataset, load_dataset
 from .errors import CheckpointError, ConfigError, DdpmError
-from .samplers import seeded_generator
+from .guidance import check_time_conditioning
+from .images import to_model_range
+from .io import cache_root, file_sha256, load_weights, safe_name
+from .objectives import draw_timesteps_and_noise
+from .rng import ClassifierStream, seeded_generator
 from .schedules import NoiseSchedule, linear_schedule
 from .unet import group_norm, timestep_embedding
+from .validation import check_choice
 
 FORMAT = "ddpmkit-classifier-1"
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "config.json"
 FEATURE_DIM = 128  # width of the penultimate layer: the FID feature space
-DEFAULT_EPOCHS = 6  # reaches the 97% target on mnist-5k (benchmarks/classifier_accuracy.py)
-# Distinct generator streams of one seed (an arbitrary fixed tag per purpose).
-_STREAM_ORDER, _STREAM_NOISE, _STREAM_TEST_STEPS, _STREAM_TEST_NOISE = 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -127,6 +126,11 @@ class Classifier(nn.Module):
     def from_config(cls, config: ClassifierConfig) -> Classifier:
         return cls(**asdict(config))
 
+    @property
+    def time_conditioned(self) -> bool:
+        """Whether it classifies x_t at a step index t (guidance.check_time_conditioning reads this)."""
+        return self.config.time_conditioned
+
     def features(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         """The penultimate activations (B, 128) of images x in [-1, 1] (x_t at index t if time-conditioned)."""
         step_embedding = self._step_embedding(x, t)
@@ -164,7 +168,7 @@ def train_classifier(
     train: ImageDataset,
     test: ImageDataset,
     *,
-    epochs: int = DEFAULT_EPOCHS,
+    epochs: int = DEFAULT_CLASSIFIER_EPOCHS,
     batch_size: int = 128,
     lr: float = 1e-3,
     seed: int = 0,
@@ -197,19 +201,19 @@ def train_classifier(
     steps_per_epoch = math.ceil(len(train) / batch_size)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
-    noise_generator = seeded_generator(seed, _STREAM_NOISE)
+    noise_generator = seeded_generator(seed, ClassifierStream.NOISE)
     started = time.perf_counter()
     model.train()
     for epoch in range(epochs):
-        order = torch.randperm(len(train), generator=seeded_generator(seed, _STREAM_ORDER, epoch))
+        order = torch.randperm(len(train), generator=seeded_generator(seed, ClassifierStream.ORDER, epoch))
         for batch_indices in order.split(batch_size):
             x = to_model_range(train.images[batch_indices]).to(device)
             y = train.labels[batch_indices].to(device)
             t = None
             if noisy:  # eq. 4 at a uniformly drawn index per image
-                t = torch.randint(0, schedule.num_steps, (len(x),), generator=noise_generator).to(device)
-                noise = torch.randn(x.shape, generator=noise_generator).to(device)
-                x = schedule.q_sample(x, t, noise)
+                t, noise = draw_timesteps_and_noise(schedule, tuple(x.shape), noise_generator)
+                t = t.to(device)
+                x = schedule.q_sample(x, t, noise.to(device))
             loss = F.cross_entropy(model(x, t), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -232,7 +236,7 @@ def train_classifier(
         "train_seconds": round(train_seconds, 1),
     }
     if noisy:
-        test_generator = seeded_generator(seed, _STREAM_TEST_STEPS)
+        test_generator = seeded_generator(seed, ClassifierStream.TEST_STEPS)
         uniform = torch.randint(0, schedule.num_steps, (len(test),), generator=test_generator)
         report["schedule"] = {"name": schedule.name, "num_steps": schedule.num_steps}
         report["test_accuracy"] = accuracy(model, test, schedule=schedule, t=uniform, seed=seed)
@@ -266,7 +270,7 @@ def accuracy(
     if (schedule is None) != (t is None):
         raise ConfigError("accuracy on noised images needs both a schedule and the indices t")
     device = next(model.parameters()).device
-    noise_generator = seeded_generator(seed, _STREAM_TEST_NOISE)
+    noise_generator = seeded_generator(seed, ClassifierStream.TEST_NOISE)
     correct = 0
     for first in range(0, len(dataset), batch_size):
         part = slice(first, first + batch_size)
@@ -344,7 +348,7 @@ def save_classifier(model: Classifier, report: dict[str, Any], directory: str | 
             "ddpmkit_version": __version__,
             "config": asdict(model.config),
             "report": report,
-            "weights_sha256": pooch.file_hash(str(weights), alg="sha256"),
+            "weights_sha256": file_sha256(weights),
         }
         (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     except OSError as exc:
@@ -368,7 +372,7 @@ def load_classifier(path: str | Path, *, device: str | torch.device = "cpu") -> 
         raise CheckpointError(f"{meta_path} is damaged ({exc})") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{meta_path} does not describe a ddpmkit classifier (format {meta.get('format')!r})")
-    if pooch.file_hash(str(weights), alg="sha256") != recorded_hash:
+    if file_sha256(weights) != recorded_hash:
         raise CheckpointError(f"{weights} is corrupt: its SHA-256 differs from the one recorded in {META_FILE}")
     try:
         state = load_file(str(weights))
@@ -379,18 +383,8 @@ def load_classifier(path: str | Path, *, device: str | torch.device = "cpu") -> 
     return model.to(device).eval(), meta
 
 
-def cache_root() -> Path:
-    """ddpmkit's cache: $DDPMKIT_CACHE, else ~/.cache/ddpmkit (classifiers, FID reference statistics, Inception weights)."""
-    return Path(os.environ.get("DDPMKIT_CACHE") or Path.home() / ".cache" / "ddpmkit")
-
-
 def classifier_cache_dir() -> Path:
     return cache_root() / "classifiers"
-
-
-def safe_name(dataset: str) -> str:
-    """A dataset name usable as one file-name component ("folder:/a/b" -> "folder_a_b")."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", dataset).strip("_")
 
 
 def classifier_dir_name(dataset: str, noisy: bool) -> str:
@@ -405,3 +399,15 @@ def find_classifier(dataset: str, noisy: bool = False) -> Path:
         kind = "noisy classifier" if noisy else "classifier"
         raise DdpmError(f"no {kind} for {dataset} in {directory}; create it with: {command}")
     return directory
+
+
+def load_guiding_classifier(
+    dataset: str, form: GuidanceForm, path: str | Path | None = None, *, device: str | torch.device = "cpu"
+) -> tuple[Classifier, Path]:
+    """The classifier that guides in ``form``, and where it was read from: ``path``, else the
+    dataset's cached one, noisy (time-conditioned) for "guided-diffusion", clean for "poster"."""
+    check_choice("guidance_form", form, GUIDANCE_FORMS)
+    directory = Path(path) if path is not None else find_classifier(dataset, noisy=form == "guided-diffusion")
+    classifier, _ = load_classifier(directory, device=device)
+    check_time_conditioning(classifier, form)
+    return classifier, directory

@@ -16,13 +16,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-import numpy as np
-
+from .choices import DEVICES
 from .config import TrainConfig, field_names, load_toml, resolve_config
 from .errors import ConfigError, DdpmError
+from .validation import resolve_device
 
-_CPU_WORKERS_HELP = ("CPU: split each batch over this many threads, one core each; on 2 cores sampling ran 1.3-1.5x "
-                     "faster than one batch over both (0: one per core, where it applies; 1: off)")
+_CPU_WORKERS_HELP = ("CPU: split each batch over this many threads, one core each (0: one per core, where it applies; "
+                     "1: off; speeds in benchmarks/README.md)")
 # Option spellings that differ from the config field name.
 _FLAG_NAMES = {"attention_levels": "--attention"}
 _HELP = {
@@ -201,15 +201,15 @@ def _add_model_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="images per sampling batch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (default) or raw")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the model (first batch compiles for minutes; turns CPU worker threads off, which "
-                             "were faster on a 2-core CPU: benchmarks/README.md)")
+                        help="torch.compile the model (first batch compiles for minutes; turns CPU worker threads off; "
+                             "which is faster where: benchmarks/README.md)")
     parser.add_argument("--cpu-workers", type=int, default=0, help=_CPU_WORKERS_HELP)
 
 
 def _add_sampler_flags(parser: argparse.ArgumentParser) -> None:
-    from .samplers import SAMPLER_NAMES, SPACING_NAMES, VARIANCE_NAMES
+    from .choices import SAMPLER_NAMES, SPACING_NAMES, VARIANCE_NAMES
 
     parser.add_argument("--sampler", default="ddpm", choices=SAMPLER_NAMES, help="default ddpm (ancestral, Algorithm 2)")
     parser.add_argument("--steps", type=int, default=None, help="model evaluations (default: all num_steps)")
@@ -226,28 +226,20 @@ def sampler_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
-def _device(name: str) -> str:
-    import torch
-
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for, but torch sees no CUDA device")
-    return "cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name)
-
-
 def _cmd_sample(args: argparse.Namespace) -> int:
+    import numpy as np
     import torch
     from tqdm.auto import tqdm
 
     from .checkpoint import load_trained_model
-    from .data import to_uint8
-    from .figures import save_image_grid
+    from .images import save_image_grid, to_uint8
     from .samplers import sample_batches
 
     if args.num < 1 or args.batch_size < 1:
         raise ConfigError("--num and --batch-size must be >= 1")
     if args.out.suffix.lower() != ".png":
         raise ConfigError(f"--out must name a .png file, got {args.out}")
-    device = _device(args.device)
+    device = resolve_device(args.device)
     trained = load_trained_model(args.run, ema=args.ema, device=device, compile=args.compile, cpu_workers=args.cpu_workers)
     kwargs = sampler_kwargs(args)
     guidance, guidance_record = _guidance_options(args, trained, device)
@@ -311,7 +303,7 @@ def _add_guidance_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_guiding_classifier_flags(parser: argparse.ArgumentParser) -> None:
-    from .guidance import DEFAULT_GUIDANCE_FORM, GUIDANCE_FORMS
+    from .choices import DEFAULT_GUIDANCE_FORM, GUIDANCE_FORMS
 
     parser.add_argument("--classifier", type=Path, default=None, metavar="PATH",
                         help="guiding classifier directory (default: the cached one of the run's dataset, "
@@ -340,7 +332,8 @@ def _float_list(text: str) -> tuple[float, ...]:
 def _guidance_options(args: argparse.Namespace, trained: Any, device: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """sample_batches keywords (labels, guidance_scale, classifier, ...) for ``ddpm sample``'s
     guidance flags, and what the .npz records of them; both empty without --class."""
-    from .guidance import check_classifier_free, class_labels, load_guiding_classifier, num_guided_classes, resolve_classes
+    from .classifier import load_guiding_classifier
+    from .guidance import check_classifier_free, class_labels, num_guided_classes, resolve_classes
 
     if args.classes is None:
         if args.per_class is not None or args.guidance or args.classifier_guidance is not None:
@@ -369,8 +362,7 @@ def _guidance_options(args: argparse.Namespace, trained: Any, device: str) -> tu
 
 
 def _add_guidance_sweep_command(commands: Any) -> None:
-    from .evaluation import FEATURE_KINDS
-    from .sweeps import SWEEP_KINDS
+    from .choices import FEATURE_KINDS, SWEEP_KINDS
 
     sweep = commands.add_parser(
         "guidance-sweep", help="class accuracy, FID, precision and recall against the guidance scale",
@@ -403,7 +395,7 @@ def _cmd_guidance_sweep(args: argparse.Namespace) -> int:
     results, json_path, plot_path = sweep_run(
         args.run, out, kind=args.kind, scales=args.scales, classes=args.classes, per_class=args.per_class,
         guide_classifier_path=args.classifier, guidance_form=args.guidance_form, features=args.features,
-        ema=args.ema, seed=args.seed, batch_size=args.batch_size, device=_device(args.device), compile=args.compile,
+        ema=args.ema, seed=args.seed, batch_size=args.batch_size, device=resolve_device(args.device), compile=args.compile,
         cpu_workers=args.cpu_workers, **sampler_kwargs(args),
     )
     print(format_sweep_table(results))
@@ -414,9 +406,7 @@ def _cmd_guidance_sweep(args: argparse.Namespace) -> int:
 # --- evaluation -------------------------------------------------------------------------
 
 def _add_evaluation_commands(commands: Any) -> None:
-    from .classifier import DEFAULT_EPOCHS
-    from .evaluation import FEATURE_KINDS, INCEPTION_WEIGHTS_FILE
-    from .schedules import SCHEDULE_NAMES
+    from .choices import DEFAULT_CLASSIFIER_EPOCHS, FEATURE_KINDS, INCEPTION_WEIGHTS_FILE, SCHEDULE_NAMES
 
     classifier = commands.add_parser(
         "train-classifier", help="train the classifier whose features FID uses (--noisy: the one that guides)",
@@ -430,11 +420,11 @@ def _add_evaluation_commands(commands: Any) -> None:
     classifier.add_argument("--noisy", action="store_true", help="time-conditioned, trained on noised x_t: for classifier guidance")
     classifier.add_argument("--schedule", default=None, choices=SCHEDULE_NAMES, help="--noisy only: the noise schedule (default: ddpm train's)")
     classifier.add_argument("--num-steps", type=int, default=None, help="--noisy only: T of the schedule, as the diffusion model's (default: ddpm train's)")
-    classifier.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"default {DEFAULT_EPOCHS}")
+    classifier.add_argument("--epochs", type=int, default=DEFAULT_CLASSIFIER_EPOCHS, help=f"default {DEFAULT_CLASSIFIER_EPOCHS}")
     classifier.add_argument("--data-dir", default=None)
     classifier.add_argument("--image-size", type=int, default=None, help="folder: datasets only")
     classifier.add_argument("--channels", type=int, default=None, help="folder: datasets only")
-    classifier.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    classifier.add_argument("--device", default="auto", choices=DEVICES)
     classifier.set_defaults(handler=_cmd_train_classifier)
 
     fid = commands.add_parser(
@@ -459,7 +449,7 @@ def _add_evaluation_commands(commands: Any) -> None:
 
 
 def _split_list(text: str) -> tuple[str, ...]:
-    from .data import SPLITS
+    from .choices import SPLITS
 
     splits = tuple(part.strip() for part in text.split(",") if part.strip())
     if not splits or any(split not in SPLITS for split in splits):
@@ -481,7 +471,7 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
         schedule = make_schedule(args.schedule or defaults.schedule, defaults.num_steps if args.num_steps is None else args.num_steps)
     directory, report = train_and_cache_classifier(
         args.dataset, noisy=args.noisy, data_dir=args.data_dir, image_size=args.image_size, channels=args.channels,
-        schedule=schedule, device=_device(args.device), out=args.out, epochs=args.epochs,
+        schedule=schedule, device=resolve_device(args.device), out=args.out, epochs=args.epochs,
     )
     noised = " noised at uniformly drawn steps" if args.noisy else ""
     print(f"ddpm: test accuracy {report['test_accuracy']:.4f} on {report['test_images']} {report['dataset']} {report['test_split']} images{noised}")
@@ -494,16 +484,15 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
 
 
 def _cmd_fid(args: argparse.Namespace) -> int:
-    import json
-
     from .checkpoint import load_trained_model
-    from .evaluation import load_extractor, model_fid
+    from .fid import load_extractor, model_fid
+    from .io import write_json
 
     if args.out.suffix.lower() != ".json":
         raise ConfigError(f"--out must name a .json file, got {args.out}")
     if (args.features == "classifier" and args.inception_weights) or (args.features == "inception" and args.classifier):
         raise ConfigError("--classifier goes with --features classifier, --inception-weights with --features inception")
-    device = _device(args.device)
+    device = resolve_device(args.device)
     trained = load_trained_model(args.run, ema=args.ema, device=device, compile=args.compile, cpu_workers=args.cpu_workers)
     extractor = load_extractor(args.features, trained.config.dataset, path=args.classifier or args.inception_weights, device=device)
     result = model_fid(
@@ -511,7 +500,7 @@ def _cmd_fid(args: argparse.Namespace) -> int:
         work_dir=args.out.with_name(args.out.stem + "-work"), progress=not args.no_progress, floor=args.real_vs_real,
         **sampler_kwargs(args),
     )
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result, what="FID result")
     for split, metrics in result["splits"].items():
         print(f"ddpm: {split}: FID {metrics['fid']:.3f}, precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f} "
               f"({result['num_generated']} generated vs {result['reference_images'][split]} real images)")
@@ -548,7 +537,7 @@ def _add_experiment_commands(commands: Any) -> None:
     reverse.add_argument("--num-images", type=int, default=4, help="trajectories, one pair of rows each (default 4)")
     reverse.add_argument("--frames", type=int, default=10, help="steps shown, evenly spaced over the sampler's (default 10)")
     reverse.add_argument("--seed", type=int, default=0)
-    reverse.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    reverse.add_argument("--device", default="auto", choices=DEVICES)
     reverse.add_argument("--out", type=Path, default=None, help="PNG path (default RUN/reverse-SAMPLER-STEPS.png)")
     _add_sampler_flags(reverse)
     reverse.set_defaults(handler=_cmd_figures_reverse)
@@ -606,7 +595,7 @@ def _cmd_figures_reverse(args: argparse.Namespace) -> int:
 
     if args.num_images < 1 or args.frames < 1:
         raise ConfigError("--num-images and --frames must be >= 1")
-    device = _device(args.device)
+    device = resolve_device(args.device)
     trained = load_trained_model(args.run, ema=True, device=device)
     kwargs = sampler_kwargs(args)
     run_dir = args.run if args.run.is_dir() else trained.path.parent.parent
@@ -628,7 +617,7 @@ def _cmd_ablation(args: argparse.Namespace) -> int:
     rows = run_ablation(
         base, args.out, schedules=args.schedules, attentions=args.attention, num_fid=args.num_fid,
         sampling=sampler_kwargs(args), seed=base.seed, batch_size=args.fid_batch_size,
-        device=_device(base.device), progress=not args.no_progress,
+        device=resolve_device(base.device), progress=not args.no_progress,
     )
     print(f"ddpm: {len(rows)} combination(s); table {args.out / 'ablation.json'}")
     return 0

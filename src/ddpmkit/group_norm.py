@@ -2,10 +2,9 @@
 
 Why: the UNet keeps its activations channels_last (NHWC), where oneDNN's convolutions
 are fastest, but torch's CPU GroupNorm kernel for that layout is slow when a group has
-few channels: with the poster's 64 channels in 32 groups (2 channels per group), on one
-thread, batch 32 at 28x28, it took 13-14 ms where the same kernel on an NCHW tensor
-took 2.5 ms (benchmarks/README.md, "Levers"). The fast path here does the work in
-passes over NHWC memory that run along the channel axis:
+few channels, as with the poster's 64 channels in 32 groups (2 channels per group);
+benchmarks/README.md ("Levers") has the measurements. The fast path here does the work
+in passes over NHWC memory that run along the channel axis:
 
     forward   one pass (a numba kernel) sums x and x^2 over each image's pixels per
               channel, in float64; the group statistics follow from those N x C sums;
@@ -17,10 +16,6 @@ passes over NHWC memory that run along the channel axis:
               b[n, c] * x + c[n, c]. g is the gradient at GroupNorm's output: grad_output
               times SiLU's derivative s (1 + z (1 - s)), with z = scale * x + shift
               recomputed and s the saved sigmoid, so SiLU's backward costs no pass.
-
-On its own, GroupNorm+SiLU forward + backward at 64 channels, 28x28, batch 32 went from
-27.8 to 12.9 ms; the poster's whole UNet on ddpmkit's worker threads trains and samples
-about 5-15% faster (benchmarks/README.md, "Levers", for every run).
 
 GroupNorm (Wu & He 2018, eq. 1 with the group sets of sec. 3.1): for image n and group
 k with M = (C / G) * H * W elements, mean = (1/M) sum x, var = (1/M) sum x^2 - mean^2
@@ -95,8 +90,8 @@ def _gradient_at_norm(grad_output, x, sigmoid, scale, shift, silu, n, p, g):  # 
     """g[c] = dL/d(GroupNorm output) at image n, pixel p: grad_output, times
     SiLU'(z) = s (1 + z (1 - s)) with z = scale x + shift recomputed and s = sigmoid(z)
     saved by the forward. Written into the row buffer g: loops that read and write fewer
-    arrays each are ones LLVM can prove free of aliasing and vectorise (measured: the
-    backward kernels ran 2-3x slower computing g inside the loops that use it)."""
+    arrays each are ones LLVM can prove free of aliasing and vectorise (computing g inside
+    the loops that use it made the backward kernels several times slower)."""
     if silu:
         for c in range(x.shape[2]):
             z = scale[n, c] * x[n, p, c] + shift[n, c]
@@ -117,7 +112,7 @@ def _backward_coefficients(  # type: ignore[no-untyped-def]
     per_group = channels // groups
     elements = pixels * per_group
     # Two loops over the images, not one: with the coefficient stores in the same loop as
-    # the pixel sums, LLVM no longer vectorised the sums (4.8 ms instead of 1.1 ms).
+    # the pixel sums, LLVM no longer vectorised the sums.
     sum_g = np.zeros((images, channels), np.float64)
     sum_gx = np.zeros((images, channels), np.float64)
     g = np.empty(channels, np.float32)

@@ -5,7 +5,8 @@ A *denoiser* is a function ``(x_t, t) -> eps``: the predicted noise at original 
 indices ``t`` (int64, shape (B,); see schedules.py for the index convention). Every
 sampler in samplers.py calls only a denoiser, never the model, so what a sampler sees
 does not depend on how the noise prediction was made. The one exception is ancestral
-DDPM under classifier guidance, which shifts its mean instead (see below).
+DDPM under classifier guidance, which shifts its mean instead (see below): which of the
+two a sampler gets is decided here, by ``ClassifierGuidance.apply``, not by the sampler.
 
 Who receives the labels. ``labels`` (int64, one per sample) are the classes to generate.
 A conditional model is called as ``model(x_t, t, labels)``; an unconditional model as
@@ -26,8 +27,8 @@ our ``guidance_scale=2`` is their 3, and their "guidance off" (s = 1) is our 0.
 
 The conditional and unconditional predictions come from ONE forward pass over the
 batch concatenated with itself, the second half labelled "no label": ``model.null_label``
-when the model has that attribute, otherwise -1 (the UNet maps -1 to its "no label"
-slot too).
+when the model has that attribute, otherwise unet.NO_LABEL (-1, which the UNet maps to
+its "no label" slot too).
 
 Classifier guidance, with scale ``s = classifier_scale >= 0`` and the gradient
 
@@ -76,17 +77,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import Any, Literal
 
 import torch
 
+from .choices import DEFAULT_GUIDANCE_FORM, GUIDANCE_FORMS, GuidanceForm
 from .errors import ConfigError
 from .schedules import NoiseSchedule, _gather
-
-if TYPE_CHECKING:  # classifier.py imports samplers.py, which imports this module
-    from .classifier import Classifier
-    from .unet import UNet
+from .unet import NO_LABEL
+from .validation import check_choice
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(x_t, t) -> predicted eps, with t the int64 original step indices of shape (B,)."""
@@ -94,17 +93,10 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 GradientField = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(x_t, t) -> s grad_{x_t} log p(y | x_t, t), the scaled classifier gradient."""
 
-GuidanceForm = Literal["guided-diffusion", "poster"]
-GUIDANCE_FORMS: tuple[str, ...] = get_args(GuidanceForm)
-DEFAULT_GUIDANCE_FORM: GuidanceForm = "guided-diffusion"
-
-# What the UNet and this module treat as "no label" when a model names no null_label.
-DEFAULT_NULL_LABEL = -1
-
 
 def is_conditional(model: Callable[..., torch.Tensor]) -> bool:
     """Whether ``model`` takes labels: False only for a model whose ``null_label`` is None."""
-    return getattr(model, "null_label", DEFAULT_NULL_LABEL) is not None
+    return getattr(model, "null_label", NO_LABEL) is not None
 
 
 def labels_for_model(
@@ -142,7 +134,7 @@ def make_denoiser(
 
 
 def _classifier_free(model: Callable[..., torch.Tensor], labels: torch.Tensor, weight: float) -> Denoiser:
-    null_label = getattr(model, "null_label", DEFAULT_NULL_LABEL)
+    null_label = getattr(model, "null_label", NO_LABEL)
     if null_label is None:
         raise ConfigError("classifier-free guidance needs a conditional model; this one has no label embedding")
     # Built once per sampling run: the first half keeps the labels, the second is "no label".
@@ -192,6 +184,15 @@ class ClassifierGuidance:
 
         return guided
 
+    def apply(self, denoiser: Denoiser, schedule: NoiseSchedule, *, ancestral: bool) -> tuple[Denoiser, GradientField | None]:
+        """The guided (denoiser, mean shift) for a sampler: ancestral DDPM in the
+        "guided-diffusion" form keeps its denoiser and shifts its mean by Sigma s g
+        (Algorithm 1 of Dhariwal & Nichol); every other case guides the denoiser
+        (their Algorithm 2, or the poster's eps') and has no mean shift."""
+        if ancestral and self.form == "guided-diffusion":
+            return denoiser, self.scaled_gradient
+        return self.guide(denoiser, schedule), None
+
 
 def make_classifier_guidance(
     classifier: Callable[..., torch.Tensor] | None,
@@ -205,8 +206,7 @@ def make_classifier_guidance(
     ``classifier(x_t, t)`` (``classifier(x_t)`` in the "poster" form) returns logits
     (B, num_classes); ``labels`` are the target classes, one per sample.
     """
-    if form not in GUIDANCE_FORMS:
-        raise ConfigError(f"unknown guidance_form {form!r}; choose one of {', '.join(GUIDANCE_FORMS)}")
+    check_choice("guidance_form", form, GUIDANCE_FORMS)
     if not (scale >= 0 and math.isfinite(scale)):  # also rejects NaN
         raise ConfigError(f"classifier_scale must be finite and >= 0, got {scale}")
     if classifier is None:
@@ -215,30 +215,30 @@ def make_classifier_guidance(
         return None
     if labels is None:
         raise ConfigError("classifier guidance needs labels: the classes to guide towards")
-    _check_time_conditioning(classifier, form)
+    check_time_conditioning(classifier, form)
     return ClassifierGuidance(classifier, labels, float(scale), form) if scale > 0 else None
 
 
-def _check_time_conditioning(classifier: Callable[..., torch.Tensor], form: GuidanceForm) -> None:
-    """A ddpmkit Classifier must match the form: time-conditioned for "guided-diffusion" only."""
-    # Imported here, not at the top: classifier.py imports samplers.py, which imports this module.
-    from .classifier import Classifier
-
-    if not isinstance(classifier, Classifier) or classifier.config.time_conditioned == (form == "guided-diffusion"):
+def check_time_conditioning(classifier: Callable[..., torch.Tensor], form: GuidanceForm) -> None:
+    """A classifier that says whether it is time-conditioned (a ``time_conditioned``
+    attribute, as classifier.Classifier has) must match the form: time-conditioned for
+    "guided-diffusion" only. A plain function is taken as it is."""
+    time_conditioned = getattr(classifier, "time_conditioned", None)
+    if time_conditioned is None or time_conditioned == (form == "guided-diffusion"):
         return
     if form == "poster":
         raise ConfigError("guidance_form 'poster' calls a classifier of clean images; this one is time-conditioned (noisy)")
     raise ConfigError("guidance_form 'guided-diffusion' needs a time-conditioned (noisy) classifier; this one is for clean images")
 
 
-# --- which classes, and which classifier guides: shared by ``ddpm sample`` and sweeps ------------
+# --- which classes to generate: shared by ``ddpm sample`` and sweeps ----------------------------
 
 def class_labels(classes: Sequence[int], per_class: int) -> torch.Tensor:
     """int64 labels: ``per_class`` of the first class, then of the next (one grid row per class)."""
     return torch.tensor(list(classes), dtype=torch.int64).repeat_interleave(per_class)
 
 
-def num_guided_classes(model: UNet, classifier: Classifier | None) -> int:
+def num_guided_classes(model: Any, classifier: Any | None) -> int:
     """How many classes labels may name: the conditional UNet's, else the guiding classifier's."""
     if is_conditional(model):
         return model.config.num_classes
@@ -255,21 +255,6 @@ def resolve_classes(classes: Sequence[int] | Literal["all"], num_classes: int) -
     if outside:
         raise ConfigError(f"class(es) {outside or '(none)'} out of range: the classes are 0 .. {num_classes - 1}")
     return list(classes)
-
-
-def load_guiding_classifier(
-    dataset: str, form: GuidanceForm, path: str | Path | None = None, *, device: str | torch.device = "cpu"
-) -> tuple[Classifier, Path]:
-    """The classifier that guides in ``form``, and where it was read from: ``path``, else the
-    dataset's cached one, noisy (time-conditioned) for "guided-diffusion", clean for "poster"."""
-    from .classifier import find_classifier, load_classifier  # see _check_time_conditioning
-
-    if form not in GUIDANCE_FORMS:
-        raise ConfigError(f"unknown guidance_form {form!r}; choose one of {', '.join(GUIDANCE_FORMS)}")
-    directory = Path(path) if path is not None else find_classifier(dataset, noisy=form == "guided-diffusion")
-    classifier, _ = load_classifier(directory, device=device)
-    _check_time_conditioning(classifier, form)
-    return classifier, directory
 
 
 def check_classifier_free(model: Callable[..., torch.Tensor], guidance_scale: float) -> None:

@@ -35,32 +35,26 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal, get_args
+from typing import Any
 
-import numpy as np
 import torch
 
-from .errors import ConfigError
-from .guidance import (
+from .choices import (
     DEFAULT_GUIDANCE_FORM,
-    Denoiser,
-    GradientField,
+    DEFAULT_SPACING,
+    SAMPLER_NAMES,
+    SPACING_NAMES,
+    VARIANCE_NAMES,
     GuidanceForm,
-    labels_for_model,
-    make_classifier_guidance,
-    make_denoiser,
+    SamplerName,
+    SpacingName,
+    VarianceName,
 )
+from .errors import ConfigError
+from .guidance import Denoiser, GradientField, labels_for_model, make_classifier_guidance, make_denoiser
+from .rng import seeded_generator
 from .schedules import NoiseSchedule
-
-SamplerName = Literal["ddpm", "ddim", "dpm-solver++", "dpm-solver++-sde"]
-VarianceName = Literal["beta", "posterior"]
-SpacingName = Literal["uniform", "quadratic", "trailing"]
-SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)
-VARIANCE_NAMES: tuple[str, ...] = get_args(VarianceName)
-SPACING_NAMES: tuple[str, ...] = get_args(SpacingName)
-# Lin et al. 2024: a sampler must start at the last step T; "trailing" does for any
-# number of steps. Provisional: a FID benchmark is to choose the default.
-DEFAULT_SPACING: SpacingName = "trailing"
+from .validation import check_choice
 
 Callback = Callable[[dict[str, Any]], None]
 
@@ -84,7 +78,7 @@ def timestep_indices(num_steps: int, steps: int, spacing: SpacingName) -> torch.
 
     With a single step every spacing visits T - 1 alone.
     """
-    _check_choice("spacing", spacing, SPACING_NAMES)
+    check_choice("spacing", spacing, SPACING_NAMES)
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_steps:
         raise ConfigError(f"steps must be an integer in [1, {num_steps}] (the schedule's steps), got {steps!r}")
     if steps == 1:
@@ -370,8 +364,8 @@ def sample(
     can be combined; guidance.py states every convention.
     ``device`` defaults to the model's (its first parameter's; CPU for a plain function).
     """
-    _check_choice("sampler", sampler, SAMPLER_NAMES)
-    _check_choice("variance", variance, VARIANCE_NAMES)
+    check_choice("sampler", sampler, SAMPLER_NAMES)
+    check_choice("variance", variance, VARIANCE_NAMES)
     if not 0.0 <= eta <= 1.0:  # eq. 12 needs sigma^2 <= 1 - abar_prev, which eta <= 1 guarantees
         raise ConfigError(f"eta must be in [0, 1], got {eta}")
     if eta > 0 and sampler != "ddim":
@@ -387,10 +381,8 @@ def sample(
     classifier_guidance = make_classifier_guidance(classifier, labels, classifier_scale, guidance_form)
     denoiser = make_denoiser(model, labels_for_model(model, labels, classifier is not None), guidance_scale)
     mean_shift = None
-    if classifier_guidance is not None and sampler == "ddpm" and guidance_form == "guided-diffusion":
-        mean_shift = classifier_guidance.scaled_gradient  # Algorithm 1 of Dhariwal & Nichol
-    elif classifier_guidance is not None:
-        denoiser = classifier_guidance.guide(denoiser, schedule)  # their Algorithm 2, or the poster's eps'
+    if classifier_guidance is not None:
+        denoiser, mean_shift = classifier_guidance.apply(denoiser, schedule, ancestral=sampler == "ddpm")
     timesteps = make_timesteps(schedule, indices, shape[0], dtype, device)
     x = _standard_normal(tuple(shape), generator, dtype, device)
     common = {"clip_denoised": clip_denoised, "callback": callback}
@@ -443,18 +435,7 @@ def sample_batches(
     return batches()
 
 
-def seeded_generator(*keys: int) -> torch.Generator:
-    """A CPU generator whose seed mixes all keys (numpy's SeedSequence avoids collisions)."""
-    seed = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0])
-    return torch.Generator().manual_seed(seed)
-
-
 # --- argument checks -------------------------------------------------------------------------
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
-
 
 def _check_labels(labels: torch.Tensor, count: int) -> torch.Tensor:
     if not (isinstance(labels, torch.Tensor) and labels.dtype == torch.int64 and labels.shape == (count,)):

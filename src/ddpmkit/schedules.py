@@ -16,14 +16,11 @@ from __future__ import annotations
 import math
 from functools import cached_property
 from dataclasses import dataclass
-from typing import Literal, get_args
-
 import torch
 
+from .choices import SCHEDULE_NAMES, ScheduleName
 from .errors import ConfigError
-
-ScheduleName = Literal["linear", "cosine"]
-SCHEDULE_NAMES: tuple[str, ...] = get_args(ScheduleName)
+from .validation import check_choice
 
 
 def _gather(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -156,13 +153,10 @@ def cosine_schedule(num_steps: int = 1000, s: float = 0.008, max_beta: float = 0
     return NoiseSchedule(betas, name="cosine")
 
 
-def make_schedule(name: str, num_steps: int = 1000) -> NoiseSchedule:
+def make_schedule(name: ScheduleName, num_steps: int = 1000) -> NoiseSchedule:
     """The schedule family ``name`` ("linear" or "cosine") with its paper defaults."""
-    if name == "linear":
-        return linear_schedule(num_steps)
-    if name == "cosine":
-        return cosine_schedule(num_steps)
-    raise ConfigError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
+    check_choice("schedule", name, SCHEDULE_NAMES)
+    return linear_schedule(num_steps) if name == "linear" else cosine_schedule(num_steps)
 
 
 def _check_num_steps(num_steps: int) -> None:

@@ -10,7 +10,7 @@ differ in guidance only, not in the initial noise), and scores them:
 
 * accuracy: the fraction a *judge*, a classifier of clean images (e.g. the FID
   classifier of classifier.py), assigns to the class that was asked for;
-* FID, precision and recall against reference features (evaluation.py's ``compare``).
+* FID, precision and recall against reference features (fid.py's ``compare``).
 
 Samples are quantised to uint8 first, for the judge as for the FID features, so that
 both score the images a user would save.
@@ -21,34 +21,26 @@ the dataset's cached clean classifier, the reference its test split.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import load_trained_model
-from .classifier import find_classifier, load_classifier
-from .data import load_dataset, to_model_range, to_uint8
+from .choices import DEFAULT_GUIDANCE_FORM, SWEEP_KINDS, FeatureKind, GuidanceForm, SamplerName, SweepKind
+from .classifier import find_classifier, load_classifier, load_guiding_classifier
+from .data import load_dataset
 from .errors import ConfigError
-from .evaluation import FeatureExtractor, FeatureKind, Reference, compare, load_extractor, reference_features
-from .guidance import (
-    DEFAULT_GUIDANCE_FORM,
-    GuidanceForm,
-    check_classifier_free,
-    class_labels,
-    load_guiding_classifier,
-    num_guided_classes,
-    resolve_classes,
-)
-from .samplers import SamplerName, sample_batches
+from .fid import FeatureExtractor, Reference, compare, load_extractor, reference_features
+from .guidance import check_classifier_free, class_labels, num_guided_classes, resolve_classes
+from .images import to_model_range, to_uint8
+from .io import write_json
+from .samplers import sample_batches
 from .schedules import NoiseSchedule
-
-SweepKind = Literal["classifier-free", "classifier"]
-SWEEP_KINDS: tuple[str, ...] = get_args(SweepKind)
+from .validation import check_choice
 
 
 def guidance_sweep(
@@ -77,12 +69,11 @@ def guidance_sweep(
     ``kind`` "classifier-free": ``scales`` are w of guidance.py (``model`` conditional);
     "classifier": they are the classifier scale s, ``guide_classifier`` guiding in
     ``guidance_form``. ``judge(images)`` gives logits of images in [-1, 1] on the model's
-    device; ``reference`` holds real features from ``extractor`` (evaluation.py's
+    device; ``reference`` holds real features from ``extractor`` (fid.py's
     reference_features). ``sample_kwargs`` (eta, variance, spacing, ...) go to ``sample``;
     ``progress`` shows a bar over all images of all scales.
     """
-    if kind not in SWEEP_KINDS:
-        raise ConfigError(f"unknown sweep kind {kind!r}; choose one of {', '.join(SWEEP_KINDS)}")
+    check_choice("sweep kind", kind, SWEEP_KINDS)
     if (kind == "classifier") != (guide_classifier is not None):
         raise ConfigError("a guide_classifier is needed for kind 'classifier', and only there")
     if not scales or not classes or per_class < 1:
@@ -152,7 +143,7 @@ def sweep_run(
 
     Returns the rows and the two paths. The guiding classifier (kind "classifier") is
     ``guide_classifier_path`` or the dataset's cached one (guidance.load_guiding_classifier).
-    ``features`` picks the FID feature space (evaluation.load_extractor); ``sample_kwargs``
+    ``features`` picks the FID feature space (fid.load_extractor); ``sample_kwargs``
     (sampler, steps, eta, ...) go to ``sample``; ``compile`` and ``cpu_workers`` to load_trained_model.
     """
     trained = load_trained_model(run, ema=ema, device=device, compile=compile, cpu_workers=cpu_workers)
@@ -198,10 +189,7 @@ def format_sweep_table(results: list[dict[str, float | int]]) -> str:
 
 def write_guidance_sweep(results: list[dict[str, float | int]], path: str | Path, *, settings: Mapping[str, Any]) -> Path:
     """``{"settings": ..., "results": [...]}`` as JSON: the rows and what produced them."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"settings": dict(settings), "results": results}, indent=2, default=str) + "\n")
-    return path
+    return write_json(path, {"settings": dict(settings), "results": results}, what="guidance sweep")
 
 
 def plot_guidance_sweep(results: list[dict[str, float | int]], path: str | Path) -> Path:

@@ -8,6 +8,12 @@ k continues with exactly the draws an uninterrupted run would have made.
 
 Only the main process writes files and shows a progress bar; the other processes wait
 at barriers. The learning rate is never rescaled with the number of processes.
+
+``train`` reads as its outline: ``_set_up`` (checks, data, model, resume), then per epoch
+``_train_epoch`` (the optimizer steps, ``_optimizer_step``, with logging and step
+checkpoints) and ``_end_epoch`` (validation, previews, FID, the epoch's checkpoint), then
+the final checkpoint and ``_finish``. ``TrainingPosition`` is where the run stands, and
+what a checkpoint stores of it.
 """
 
 from __future__ import annotations
@@ -20,12 +26,11 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .batch_threads import BatchThreads, backward_in_slices, resolve_cpu_workers
@@ -34,22 +39,24 @@ from .checkpoint import (
     copy_checkpoint,
     latest_checkpoint,
     load_checkpoint,
-    load_weights,
     prune_checkpoints,
     remove_torn_writes,
     save_checkpoint,
     step_checkpoint_path,
-    write_atomically,
 )
 from .classifier import find_classifier
 from .config import TrainConfig, config_from_dict
-from .data import DatasetInfo, ImageDataset, dataset_info, load_dataset, to_model_range
+from .data import DatasetInfo, ImageDataset, dataset_info, load_dataset
 from .errors import CheckpointError, ConfigError, DdpmError, TrainingError
-from .evaluation import FeatureExtractor, classifier_extractor, minibatch_fid
-from .figures import image_grid, save_image_grid
-from .samplers import sample, seeded_generator
+from .fid import FeatureExtractor, classifier_extractor, minibatch_fid
+from .images import image_grid, save_image_grid, to_model_range
+from .io import load_weights, write_text
+from .objectives import ddpm_loss, draw_timesteps_and_noise
+from .rng import TrainingStream, seeded_generator
+from .samplers import sample
 from .schedules import NoiseSchedule, make_schedule
-from .unet import UNet, UNetConfig
+from .unet import NO_LABEL, UNet, UNetConfig
+from .validation import resolve_device
 
 # Changing only these keys is allowed when resuming a run; everything else would make
 # the resumed run a different experiment.
@@ -58,8 +65,21 @@ RESUMABLE_KEYS = frozenset(
      "tensorboard", "compile", "cpu_workers"}
 )
 _PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-# Distinct streams for the seeded generators (an arbitrary fixed tag per purpose).
-_STREAM_EPOCH_ORDER, _STREAM_STEP, _STREAM_VALIDATION, _STREAM_PREVIEW, _STREAM_FID = 1, 2, 3, 4, 5
+
+
+@dataclass
+class TrainingPosition:
+    """Where a run stands; a checkpoint's ``state`` stores these fields (and the model description)."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epochs finished
+    batch_in_epoch: int = 0  # batches of the current epoch done
+    best_val_loss: float | None = None
+    skipped_steps: int = 0  # steps fp16 loss scaling skipped (overflow)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> TrainingPosition:
+        return cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
 
 
 @dataclass
@@ -121,19 +141,89 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
 
     Everything that can be checked is checked before data is loaded or a model built.
     """
+    run = _set_up(config, Path(run_dir), resume, progress)
+    with run.stop.installed(), _tensorboard_writer(config, run.run_dir, run.main, run.position.step) as tensorboard:
+        while run.position.step < run.total_steps and not run.stop.requested:
+            _train_epoch(run, tensorboard)
+            if not run.stop.requested and run.position.batch_in_epoch == run.batches_per_epoch:
+                _end_epoch(run, tensorboard)
+        if run.position.step and run.last_checkpoint != step_checkpoint_path(run.run_dir, run.position.step):
+            run.write_checkpoint(step_checkpoint_path(run.run_dir, run.position.step))
+    return _finish(run)
+
+
+@dataclass(eq=False)
+class _Run:
+    """One training session: what _set_up builds and the loop advances."""
+
+    config: TrainConfig
+    run_dir: Path
+    accelerator: Any
+    info: DatasetInfo
+    model_config: UNetConfig
+    schedule: NoiseSchedule
+    model: torch.nn.Module  # prepared by Accelerate
+    ema: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    train_set: ImageDataset
+    val_set: ImageDataset
+    micro_batch: int
+    workers: int
+    batches_per_epoch: int
+    total_steps: int
+    fid_extractor: FeatureExtractor | None
+    position: TrainingPosition
+    last_checkpoint: Path | None
+    bar: Any
+    stop: _StopFlag = field(default_factory=lambda: _StopFlag())
+    val_loss: float | None = None
+
+    def __post_init__(self) -> None:
+        device = self.accelerator.device
+        self.train_images = self.train_set.images.to(device)
+        self.train_labels = self.train_set.labels.to(device)
+        # The evaluation passes (validation, preview grids, per-epoch FID) on the worker threads.
+        self.model_for_evaluation = BatchThreads(self.model, self.workers)
+        self.ema_for_evaluation = BatchThreads(self.ema, self.workers)
+        self.window = _LossWindow(device)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.info.channels, self.info.image_size, self.info.image_size)
+
+    def write_checkpoint(self, path: Path) -> None:
+        """A checkpoint of everything a resume needs, written by the main process; all wait."""
+        if self.main:
+            save_checkpoint(
+                path,
+                model=self.accelerator.unwrap_model(self.model, keep_torch_compile=False).state_dict(),
+                ema=self.ema.state_dict(),
+                optimizer=self.optimizer.state_dict(),
+                rng_states=_rng_states(),
+                config=self.config.to_dict(),
+                state={**asdict(self.position), "model_config": asdict(self.model_config), "image_size": self.info.image_size},
+            )
+        self.accelerator.wait_for_everyone()
+        self.last_checkpoint = path
+
+
+def _set_up(config: TrainConfig, run_dir: Path, resume: bool, progress: bool) -> _Run:
+    """Check everything that can be checked, then build the Accelerator, data, model, EMA
+    and optimizer, restore them on resume, and write the run's config."""
     from accelerate import Accelerator  # heavy import, only where training happens
     from accelerate.state import AcceleratorState
 
-    run_dir = Path(run_dir)
     check_run_dir(run_dir, resume)
     info = dataset_info(config.dataset, data_dir=config.data_dir, image_size=config.image_size, channels=config.channels)
     model_config = model_config_for(config, info.channels, info.num_classes)
     UNet.check_input_size(model_config, info.image_size, info.channels)
     if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("--tensorboard needs the tensorboard package: pip install 'ddpmkit[tensorboard]'")
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for, but torch sees no CUDA device")
-    on_cpu = config.device == "cpu" or not torch.cuda.is_available()
+    on_cpu = resolve_device(config.device) == "cpu"
     if on_cpu and config.precision == "fp16":
         # Accelerate has no fp16 loss scaler on CPU and silently trains in fp32 there: an
         # overflow would be neither skipped by a scaler nor stopped, and poison the weights.
@@ -172,10 +262,9 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
     model = UNet.from_config(model_config)
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # never trained: always in eval mode
     # Fused: one kernel for the whole update instead of a handful of element-wise passes per
-    # tensor; 40.6 -> 16.4 ms per step for the poster's 6.4M parameters on 2 CPU threads
-    # (benchmarks/README.md), the same weights up to rounding. CPU (torch >= 2.4) and CUDA.
+    # tensor (benchmarks/README.md), the same weights up to rounding. CPU (torch >= 2.4) and CUDA.
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
-    position = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_loss": None, "skipped_steps": 0}
+    position = TrainingPosition()
     if resume:
         checkpoint = load_checkpoint(latest_checkpoint(run_dir))
         load_weights(model, checkpoint.model, source=str(checkpoint.path))
@@ -185,18 +274,17 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
         torch.set_rng_state(checkpoint.rng_states["cpu"])
         if "cuda" in checkpoint.rng_states and torch.cuda.is_available():
             torch.cuda.set_rng_state(checkpoint.rng_states["cuda"])
-        position.update({k: checkpoint.state[k] for k in position})
+        position = TrainingPosition.from_state(checkpoint.state)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device)
-    # The evaluation passes (validation, preview grids, per-epoch FID) on the worker threads.
-    model_for_evaluation, ema_for_evaluation = BatchThreads(model, workers), BatchThreads(ema, workers)
-    train_images = train_set.images.to(accelerator.device)
-    train_labels = train_set.labels.to(accelerator.device)
 
+    total_steps = config.epochs * batches_per_epoch
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
     if main:
         remove_torn_writes(run_dir)
-        write_atomically(run_dir / "config.json", lambda temporary: temporary.write_text(config.to_json()), what="run config")
-        _truncate_metrics(run_dir / "metrics.jsonl", position["step"])
+        write_text(run_dir / "config.json", config.to_json(), what="run config")
+        _truncate_metrics(run_dir / "metrics.jsonl", position.step)
         print(f"ddpmkit: training config\n{config.to_json()}")
         print(
             f"ddpmkit: {len(train_set)} train / {len(val_set)} val images, {world} process(es) x "
@@ -206,103 +294,112 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
             + (f" ({workers} worker threads, one core each)" if workers > 1 else "")
             + f", precision {config.precision}"
         )
+    bar = tqdm(total=total_steps, initial=position.step, disable=not (main and progress), unit="step", dynamic_ncols=True)
+    return _Run(
+        config=config, run_dir=run_dir, accelerator=accelerator, info=info, model_config=model_config, schedule=schedule,
+        model=model, ema=ema, optimizer=optimizer, train_set=train_set, val_set=val_set, micro_batch=micro_batch,
+        workers=workers, batches_per_epoch=batches_per_epoch, total_steps=total_steps, fid_extractor=fid_extractor,
+        position=position, last_checkpoint=latest_checkpoint(run_dir) if resume else None, bar=bar,
+    )
 
-    def write_checkpoint(path: Path) -> None:
-        if main:
-            save_checkpoint(
-                path,
-                model=accelerator.unwrap_model(model, keep_torch_compile=False).state_dict(),
-                ema=ema.state_dict(),
-                optimizer=optimizer.state_dict(),
-                rng_states=_rng_states(),
-                config=config.to_dict(),
-                state={**position, "model_config": asdict(model_config), "image_size": info.image_size},
-            )
-        accelerator.wait_for_everyone()
 
-    stop = _StopFlag()
-    total_steps = config.epochs * batches_per_epoch
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
-    bar = tqdm(total=total_steps, initial=position["step"], disable=not (main and progress), unit="step", dynamic_ncols=True)
-    window_loss, window_steps, window_images, window_start = torch.zeros((), device=accelerator.device), 0, 0, time.perf_counter()
-    last_checkpoint = latest_checkpoint(run_dir) if resume else None
-    val_loss = None
-    with stop.installed(), _tensorboard_writer(config, run_dir, main, position["step"]) as tensorboard:
-        while position["step"] < total_steps and not stop.requested:
-            epoch = position["epoch"]
-            order = torch.randperm(len(train_set), generator=seeded_generator(config.seed, _STREAM_EPOCH_ORDER, epoch))
-            while position["batch_in_epoch"] < batches_per_epoch and position["step"] < total_steps:
-                step = position["step"] + 1
-                first = position["batch_in_epoch"] * config.batch_size
-                batch_indices = order[first : first + config.batch_size]
-                loss = _optimizer_step(
-                    accelerator, model, optimizer, schedule, config, step, batch_indices.to(accelerator.device),
-                    train_images, train_labels, micro_batch, workers,
-                )
-                if loss is None:  # fp16 loss scaling skipped this step (overflow)
-                    position["skipped_steps"] += 1
-                else:
-                    _update_ema(ema, accelerator.unwrap_model(model, keep_torch_compile=False), config.ema_decay, step)
-                    window_loss += loss
-                    window_steps += 1
-                position.update(step=step, batch_in_epoch=position["batch_in_epoch"] + 1)
-                window_images += config.batch_size
-                bar.update(1)
-                if step % config.log_every == 0 or step == total_steps:
-                    mean_loss = accelerator.reduce(window_loss, "mean").item() / max(1, window_steps)
-                    speed = window_images / (time.perf_counter() - window_start)
-                    bar.set_postfix(epoch=epoch, loss=f"{mean_loss:.4f}", img_s=f"{speed:.0f}")
-                    _log(main, run_dir, {"step": step, "epoch": epoch, "train_loss": mean_loss, "lr": config.lr, "images_per_s": speed}, tensorboard)
-                    window_loss.zero_()
-                    window_steps, window_images, window_start = 0, 0, time.perf_counter()
-                if stop.check(accelerator):
-                    break
-                if step % config.checkpoint_every == 0:
-                    last_checkpoint = step_checkpoint_path(run_dir, step)
-                    write_checkpoint(last_checkpoint)
-                    if main:
-                        prune_checkpoints(run_dir, config.keep_checkpoints)
-            if stop.requested:
-                break
-            if position["batch_in_epoch"] == batches_per_epoch:  # an epoch ended
-                val_loss = validation_loss(accelerator, model_for_evaluation, schedule, val_set, config)
-                position.update(epoch=epoch + 1, batch_in_epoch=0)
-                record: dict[str, Any] = {"step": position["step"], "epoch": epoch, "val_loss": val_loss}
-                if main and config.sample_every_epoch:
-                    grid = run_dir / "samples" / f"epoch-{epoch:03d}.png"
-                    preview = _preview_samples(ema_for_evaluation, schedule, config, (info.channels, info.image_size, info.image_size), accelerator.device)
-                    with _writing(grid):
-                        save_image_grid(preview, grid)
-                    record["samples"] = str(grid.relative_to(run_dir))
-                    if tensorboard is not None:
-                        tensorboard.add_image("samples", image_grid(preview), position["step"], dataformats="HWC")
-                # Sampled on the main process only; the others wait at write_checkpoint's barrier.
-                if main and fid_extractor is not None:
-                    record["fid"] = _epoch_fid(ema_for_evaluation, schedule, val_set, fid_extractor, config, accelerator.device)
-                _log(main, run_dir, record, tensorboard)
-                is_best = position["best_val_loss"] is None or val_loss < position["best_val_loss"]
-                if is_best:
-                    position["best_val_loss"] = val_loss
-                last_checkpoint = step_checkpoint_path(run_dir, position["step"])
-                write_checkpoint(last_checkpoint)
-                if main:
-                    prune_checkpoints(run_dir, config.keep_checkpoints)
-                    if is_best:
-                        copy_checkpoint(last_checkpoint, best_checkpoint_path(run_dir))
-                accelerator.wait_for_everyone()
-        if position["step"] and (last_checkpoint is None or last_checkpoint != step_checkpoint_path(run_dir, position["step"])):
-            last_checkpoint = step_checkpoint_path(run_dir, position["step"])
-            write_checkpoint(last_checkpoint)
-    bar.close()
-    if main:
-        if stop.requested:
-            print(f"ddpmkit: stopped at step {position['step']} ({stop.signal_name}); checkpoint {last_checkpoint}\n"
-                  f"ddpmkit: resume with: ddpm train --out {run_dir} --resume")
+def _train_epoch(run: _Run, tensorboard: Any) -> None:
+    """The optimizer steps of the current epoch, from where the run stands, until the epoch
+    ends, the run reaches its last step, or a stop is asked for; logs and step checkpoints."""
+    config, position = run.config, run.position
+    order = torch.randperm(len(run.train_set), generator=seeded_generator(config.seed, TrainingStream.EPOCH_ORDER, position.epoch))
+    while position.batch_in_epoch < run.batches_per_epoch and position.step < run.total_steps:
+        step = position.step + 1
+        first = position.batch_in_epoch * config.batch_size
+        batch_indices = order[first : first + config.batch_size].to(run.accelerator.device)
+        loss = _optimizer_step(
+            run.accelerator, run.model, run.optimizer, run.schedule, config, step, batch_indices,
+            run.train_images, run.train_labels, run.micro_batch, run.workers,
+        )
+        if loss is None:  # fp16 loss scaling skipped this step (overflow)
+            position.skipped_steps += 1
         else:
-            print(f"ddpmkit: finished at step {position['step']}; run directory {run_dir}")
-    accelerator.end_training()
-    return TrainSummary(run_dir, position["step"], position["epoch"], stop.requested, last_checkpoint, val_loss)
+            _update_ema(run.ema, run.accelerator.unwrap_model(run.model, keep_torch_compile=False), config.ema_decay, step)
+            run.window.add(loss)
+        position.step, position.batch_in_epoch = step, position.batch_in_epoch + 1
+        run.window.images += config.batch_size
+        run.bar.update(1)
+        if step % config.log_every == 0 or step == run.total_steps:
+            mean_loss, speed = run.window.flush(run.accelerator)
+            run.bar.set_postfix(epoch=position.epoch, loss=f"{mean_loss:.4f}", img_s=f"{speed:.0f}")
+            record = {"step": step, "epoch": position.epoch, "train_loss": mean_loss, "lr": config.lr, "images_per_s": speed}
+            _log(run.main, run.run_dir, record, tensorboard)
+        if run.stop.check(run.accelerator):
+            return
+        if step % config.checkpoint_every == 0:
+            run.write_checkpoint(step_checkpoint_path(run.run_dir, step))
+            if run.main:
+                prune_checkpoints(run.run_dir, config.keep_checkpoints)
+
+
+def _end_epoch(run: _Run, tensorboard: Any) -> None:
+    """Validation loss, the preview grid and the per-epoch FID (main process), one metrics
+    line, and the epoch's checkpoint (copied to best.safetensors when the loss is the lowest)."""
+    config, position, device = run.config, run.position, run.accelerator.device
+    epoch = position.epoch
+    run.val_loss = validation_loss(run.accelerator, run.model_for_evaluation, run.schedule, run.val_set, config)
+    position.epoch, position.batch_in_epoch = epoch + 1, 0
+    record: dict[str, Any] = {"step": position.step, "epoch": epoch, "val_loss": run.val_loss}
+    if run.main and config.sample_every_epoch:
+        grid = run.run_dir / "samples" / f"epoch-{epoch:03d}.png"
+        preview = _preview_samples(run.ema_for_evaluation, run.schedule, config, run.image_shape, device)
+        with _writing(grid):
+            save_image_grid(preview, grid)
+        record["samples"] = str(grid.relative_to(run.run_dir))
+        if tensorboard is not None:
+            tensorboard.add_image("samples", image_grid(preview), position.step, dataformats="HWC")
+    # Sampled on the main process only; the others wait at write_checkpoint's barrier.
+    if run.main and run.fid_extractor is not None:
+        record["fid"] = _epoch_fid(run.ema_for_evaluation, run.schedule, run.val_set, run.fid_extractor, config, device)
+    _log(run.main, run.run_dir, record, tensorboard)
+    is_best = position.best_val_loss is None or run.val_loss < position.best_val_loss
+    if is_best:
+        position.best_val_loss = run.val_loss
+    run.write_checkpoint(step_checkpoint_path(run.run_dir, position.step))
+    if run.main:
+        prune_checkpoints(run.run_dir, config.keep_checkpoints)
+        if is_best:
+            copy_checkpoint(run.last_checkpoint, best_checkpoint_path(run.run_dir))
+    run.accelerator.wait_for_everyone()
+
+
+def _finish(run: _Run) -> TrainSummary:
+    run.bar.close()
+    if run.main:
+        if run.stop.requested:
+            print(f"ddpmkit: stopped at step {run.position.step} ({run.stop.signal_name}); checkpoint {run.last_checkpoint}\n"
+                  f"ddpmkit: resume with: ddpm train --out {run.run_dir} --resume")
+        else:
+            print(f"ddpmkit: finished at step {run.position.step}; run directory {run.run_dir}")
+    run.accelerator.end_training()
+    return TrainSummary(run.run_dir, run.position.step, run.position.epoch, run.stop.requested, run.last_checkpoint, run.val_loss)
+
+
+class _LossWindow:
+    """The training loss and image count since the last metrics line."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.steps = self.images = 0
+        self.started = time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss += loss
+        self.steps += 1
+
+    def flush(self, accelerator: Any) -> tuple[float, float]:
+        """(mean loss over processes and steps, images per second) of the window; starts a new one."""
+        mean_loss = accelerator.reduce(self.loss, "mean").item() / max(1, self.steps)
+        speed = self.images / (time.perf_counter() - self.started)
+        self.loss.zero_()
+        self.steps = self.images = 0
+        self.started = time.perf_counter()
+        return mean_loss, speed
 
 
 def _optimizer_step(
@@ -323,11 +420,9 @@ def _optimizer_step(
     Returns the process's mean loss (detached), or None when fp16 loss scaling skipped
     the step. Raises TrainingError on a non-finite gradient otherwise.
     """
-    generator = seeded_generator(config.seed, _STREAM_STEP, step)
+    generator = seeded_generator(config.seed, TrainingStream.STEP, step)
     global_batch = batch_indices.numel()
-    sample_shape = (global_batch,) + tuple(images.shape[1:])
-    timesteps = torch.randint(0, schedule.num_steps, (global_batch,), generator=generator)
-    noise = torch.randn(sample_shape, generator=generator)
+    timesteps, noise = draw_timesteps_and_noise(schedule, (global_batch, *images.shape[1:]), generator)
     drop_label = torch.rand(global_batch, generator=generator) < config.label_dropout
     device = accelerator.device
     total = torch.zeros((), device=device)
@@ -338,21 +433,18 @@ def _optimizer_step(
         x0 = to_model_range(images[batch_indices[part]])
         t = timesteps[part].to(device)
         eps = noise[part].to(device)
-        x_t = schedule.q_sample(x0, t, eps)
-        label_args = ()
+        y = None
         if config.conditional:
             y = labels[batch_indices[part]].clone()
-            y[drop_label[part].to(device)] = -1  # the UNet maps -1 to its "no label" slot
-            label_args = (y,)
+            y[drop_label[part].to(device)] = NO_LABEL
         # Algorithm 1's MSE over the micro batch, as a sum over rows so that the worker
         # threads' slices (batch_threads.py) add up to it; / grad_accum averages the micro
         # batches.
         scale = 1.0 / (eps.numel() * config.grad_accum)
 
         def slice_loss(rows: slice) -> torch.Tensor:  # called within this iteration only
-            with accelerator.autocast():
-                prediction = model(x_t[rows], t[rows], *(y[rows] for y in label_args)).float()
-            return F.mse_loss(prediction, eps[rows], reduction="sum") * scale
+            labels_of_rows = None if y is None else y[rows]
+            return ddpm_loss(_autocast(accelerator, model), schedule, x0[rows], t[rows], eps[rows], labels_of_rows, reduction="sum") * scale
 
         if workers > 1:
             total += backward_in_slices(slice_loss, micro_batch, model.parameters(), workers)
@@ -374,6 +466,15 @@ def _optimizer_step(
     if accelerator.optimizer_step_was_skipped or not finite:
         return None
     return total
+
+
+def _autocast(accelerator: Any, model: torch.nn.Module) -> Any:
+    """``model`` called under the run's mixed precision (autocast covers the network only)."""
+    def predict(*args: torch.Tensor) -> torch.Tensor:
+        with accelerator.autocast():
+            return model(*args)
+
+    return predict
 
 
 def _give_moments_their_parameters_layout(optimizer: torch.optim.Optimizer) -> None:
@@ -403,15 +504,14 @@ def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step
 
 @torch.no_grad()
 def validation_loss(accelerator: Any, model: torch.nn.Module, schedule: NoiseSchedule, dataset: ImageDataset, config: TrainConfig) -> float:
-    """Mean noise-prediction MSE on the validation split, with fixed (seeded) t and noise.
+    """Mean noise-prediction MSE (ddpm_loss) on the validation split, with fixed (seeded) t and noise.
 
     The same draws every epoch make the curve comparable across epochs; the split is
     shared out across processes and the sums reduced.
     """
-    generator = seeded_generator(config.seed, _STREAM_VALIDATION)
+    generator = seeded_generator(config.seed, TrainingStream.VALIDATION)
     count = len(dataset)
-    timesteps = torch.randint(0, schedule.num_steps, (count,), generator=generator)
-    noise = torch.randn((count,) + tuple(dataset.images.shape[1:]), generator=generator)
+    timesteps, noise = draw_timesteps_and_noise(schedule, (count, *dataset.images.shape[1:]), generator)
     device = accelerator.device
     model.eval()
     total = torch.zeros((), device=device)
@@ -419,10 +519,8 @@ def validation_loss(accelerator: Any, model: torch.nn.Module, schedule: NoiseSch
         part = slice(start, start + config.batch_size)
         x0 = to_model_range(dataset.images[part].to(device))
         t, eps = timesteps[part].to(device), noise[part].to(device)
-        label_args = (dataset.labels[part].to(device),) if config.conditional else ()
-        with accelerator.autocast():
-            prediction = model(schedule.q_sample(x0, t, eps), t, *label_args).float()
-        total += F.mse_loss(prediction, eps, reduction="sum")
+        y = dataset.labels[part].to(device) if config.conditional else None
+        total += ddpm_loss(_autocast(accelerator, model), schedule, x0, t, eps, y, reduction="sum")
     model.train()
     total = accelerator.reduce(total, "sum")
     return float(total) / (count * math.prod(dataset.images.shape[1:]))
@@ -433,7 +531,7 @@ def _preview_samples(ema: torch.nn.Module, schedule: NoiseSchedule, config: Trai
     ema.eval()
     images = sample(
         ema, schedule, (config.sample_every_epoch, *image_shape), sampler=config.preview_sampler,
-        steps=config.preview_steps, generator=seeded_generator(config.seed, _STREAM_PREVIEW), device=device,
+        steps=config.preview_steps, generator=seeded_generator(config.seed, TrainingStream.PREVIEW), device=device,
     )
     return images
 
@@ -463,7 +561,7 @@ def _epoch_fid(
     preview sampler, as the grid) against as many validation images."""
     return minibatch_fid(
         ema, schedule, val_set, extractor, num_images=config.fid_batches * config.batch_size, batch_size=config.batch_size,
-        seed=seeded_generator(config.seed, _STREAM_FID).initial_seed(), sampler=config.preview_sampler,
+        seed=seeded_generator(config.seed, TrainingStream.FID).initial_seed(), sampler=config.preview_sampler,
         steps=config.preview_steps, device=device,
     )
 
@@ -513,7 +611,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
             raise CheckpointError(f"{path} line {number} is not JSON; repair or delete that line") from None
         if record.get("step", 0) <= step:
             kept.append(line)
-    write_atomically(path, lambda temporary: temporary.write_text("".join(line + "\n" for line in kept)), what="metrics")
+    write_text(path, "".join(line + "\n" for line in kept), what="metrics")
 
 
 @contextmanager

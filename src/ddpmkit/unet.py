@@ -26,7 +26,6 @@ extra embedding slot ``null_label`` means "no label" for classifier-free guidanc
 from __future__ import annotations
 
 import math
-import typing
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
@@ -34,9 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import _check_type, _require
 from .errors import ConfigError
 from .group_norm import GroupNorm
+from .validation import check_dataclass_fields, require
+
+# "No label" in a label tensor: the label-dropout marker of training and the unconditional
+# half of classifier-free guidance; the UNet maps every negative label to its null slot.
+NO_LABEL = -1
 
 
 @dataclass(frozen=True)
@@ -57,17 +60,16 @@ class UNetConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        for name, annotation in typing.get_type_hints(UNetConfig).items():
-            object.__setattr__(self, name, _check_type(name, annotation, getattr(self, name)))
-        _require(self.in_channels >= 1, "in_channels must be >= 1")
-        _require(self.out_channels is None or self.out_channels >= 1, "out_channels must be >= 1")
-        _require(self.base_channels >= 1, "base_channels must be >= 1")
-        _require(len(self.channel_mults) >= 1 and min(self.channel_mults) >= 1, "channel_mults must be a non-empty list of integers >= 1")
-        _require(self.num_res_blocks >= 1, "num_res_blocks must be >= 1")
+        check_dataclass_fields(self)
+        require(self.in_channels >= 1, "in_channels must be >= 1")
+        require(self.out_channels is None or self.out_channels >= 1, "out_channels must be >= 1")
+        require(self.base_channels >= 1, "base_channels must be >= 1")
+        require(len(self.channel_mults) >= 1 and min(self.channel_mults) >= 1, "channel_mults must be a non-empty list of integers >= 1")
+        require(self.num_res_blocks >= 1, "num_res_blocks must be >= 1")
         bad = [level for level in self.attention_levels if not 0 <= level < self.num_levels]
-        _require(not bad, f"attention level(s) {bad} out of range: the model has levels 0..{self.num_levels - 1}")
-        _require(self.num_classes is None or self.num_classes >= 1, "num_classes must be >= 1 (or None for an unconditional model)")
-        _require(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
+        require(not bad, f"attention level(s) {bad} out of range: the model has levels 0..{self.num_levels - 1}")
+        require(self.num_classes is None or self.num_classes >= 1, "num_classes must be >= 1 (or None for an unconditional model)")
+        require(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
 
     @property
     def num_levels(self) -> int:
@@ -253,7 +255,7 @@ class UNet(nn.Module):
 
     Call ``model(x_t, t)`` or ``model(x_t, t, y)``. ``t`` holds int64 step *indices*
     (0 .. T-1; index i is step t = i + 1), shape (B,), or one index (python int or 0-d
-    tensor) for the whole batch. ``y`` holds class labels in 0 .. num_classes - 1; -1 or
+    tensor) for the whole batch. ``y`` holds class labels in 0 .. num_classes - 1; NO_LABEL (-1) or
     ``null_label`` means "no label", and y=None means "no label" for the whole batch.
     ``null_label`` is num_classes (None for an unconditional model).
     """
@@ -335,9 +337,8 @@ class UNet(nn.Module):
         nn.init.zeros_(self.output[-1].bias)
         # channels_last (NHWC) weights and activations: the same model and the same maths
         # in another memory layout, in which oneDNN's CPU convolutions, GroupNorm and the
-        # attention's pixel-sequence view need no layout copies. Measured on the poster's
-        # model (benchmarks/README.md): training 1.13x -> 1.26x and sampling forwards
-        # 1.09x -> 1.39x of diffusers' UNet2DModel, side by side. cuDNN prefers it too.
+        # attention's pixel-sequence view need no layout copies (the gain is measured in
+        # benchmarks/README.md). cuDNN prefers it too.
         self.to(memory_format=torch.channels_last)
 
     @classmethod
@@ -392,5 +393,4 @@ class UNet(nn.Module):
             return torch.full((batch,), self.null_label, dtype=torch.long, device=device)
         if y.shape != (batch,):
             raise ConfigError(f"y must have shape ({batch},) (one label per image), got {tuple(y.shape)}")
-        # -1 is the label-dropout marker (training) and the guidance "no label" (sampling).
-        return torch.where(y < 0, self.null_label, y)
+        return torch.where(y < 0, self.null_label, y)  # NO_LABEL, or any negative label

@@ -1,0 +1,388 @@
+"""The FID pipeline: feature networks, cached reference features, and resumable FID of a model's samples.
+
+Feature spaces (``FeatureExtractor``): the penultimate layer of a small classifier
+trained on the dataset (classifier.py; the poster's choice for 28x28 grayscale data) or
+the standard FID Inception-v3 pool3 features (inception.py). Every result names the
+extractor and the SHA-256 of its weights file: FIDs on different feature spaces are not
+comparable. The metrics themselves are metrics.py's.
+
+Images enter an extractor as uint8, so generated samples (floats in [-1, 1]) are
+quantised exactly as a saved PNG would be, and compared with real images on equal terms.
+
+Reference features of a dataset split are cached in ``<cache>/stats/`` (io.cache_root)
+and reused. ``compute_fid`` can keep the features of finished generated batches in a
+work directory and resume from the first unfinished batch; ``model_fid`` is what
+``ddpm fid`` and the ablation compute for a trained model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import zipfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import TrainedModel
+from .choices import DEFAULT_SPACING, FEATURE_KINDS, FeatureKind, Split
+from .classifier import find_classifier, load_classifier
+from .data import ImageDataset, load_dataset
+from .errors import ConfigError, DdpmError
+from .images import to_model_range, to_uint8
+from .inception import load_inception
+from .io import cache_root, safe_name, write_atomically
+from .metrics import PRECISION_RECALL_K, FeatureStats, frechet_distance, frechet_distance_from_stats, precision_recall
+from .samplers import sample_batches
+from .schedules import NoiseSchedule
+from .validation import check_choice
+
+# Both sets are cut to the same size for precision/recall (the k-NN radii shrink as a set
+# grows, so unequal sizes would bias the two numbers); the cut is a fixed random subset.
+_SUBSET_SEED = 0
+
+
+# --- feature extractors ----------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class FeatureExtractor:
+    """A feature network and what identifies it: ``extractor(images_uint8) -> (N, D) float32``.
+
+    ``network`` maps float images in [-1, 1] (B, C, H, W) on ``device`` to (B, D).
+    """
+
+    name: str
+    weights_sha256: str
+    network: Callable[[torch.Tensor], torch.Tensor]
+    device: torch.device
+    batch_size: int = 250
+
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        if images.dtype != torch.uint8:
+            raise ConfigError(f"feature extractors take uint8 images, got {images.dtype}")
+        with torch.inference_mode():
+            parts = [self.network(to_model_range(part.to(self.device))).float().cpu() for part in images.split(self.batch_size)]
+        return torch.cat(parts).numpy()
+
+    def provenance(self) -> dict[str, str]:
+        return {"extractor": self.name, "extractor_sha256": self.weights_sha256}
+
+
+def classifier_extractor(path: str | Path, *, device: str | torch.device = "cpu") -> FeatureExtractor:
+    """The penultimate features of the classifier saved in ``path`` (classifier.py)."""
+    model, meta = load_classifier(path, device=device)
+    if model.config.time_conditioned:
+        raise ConfigError(f"{path} is a noisy (time-conditioned) classifier; FID needs one trained on clean images")
+    return FeatureExtractor(
+        name=f"classifier:{meta['report'].get('dataset', 'unknown')}",
+        weights_sha256=meta["weights_sha256"],
+        network=model.features,
+        device=torch.device(device),
+    )
+
+
+def load_extractor(
+    kind: FeatureKind, dataset: str, *, path: str | Path | None = None, device: str | torch.device = "cpu"
+) -> FeatureExtractor:
+    """``--features classifier`` (the cached classifier of ``dataset``, or ``path``) or ``inception``."""
+    check_choice("feature extractor", kind, FEATURE_KINDS)
+    if kind == "classifier":
+        return classifier_extractor(path or find_classifier(dataset), device=device)
+    return inception_extractor(path, device=device)
+
+
+def generated_features(extractor: FeatureExtractor, samples: torch.Tensor) -> np.ndarray:
+    """Features of generated samples in [-1, 1], quantised to uint8 first as a saved image would be."""
+    return extractor(to_uint8(samples))
+
+
+# --- reference features (cached) ---------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class Reference:
+    """A real split's features (N, D) float32 and their statistics."""
+
+    name: str  # "<dataset>/<split>"
+    features: np.ndarray
+    stats: FeatureStats
+
+
+def stats_cache_dir() -> Path:
+    return cache_root() / "stats"
+
+
+def reference_features(dataset: ImageDataset, extractor: FeatureExtractor, *, cache_dir: str | Path | None = None) -> Reference:
+    """The features of a split, from ``<cache>/stats/`` when computed before.
+
+    The cache file is named by dataset, split, extractor hash and a hash of the images
+    themselves, so that other image-size or channel options, or a changed image folder,
+    never reuse stale features. A damaged cache file is recomputed and replaced.
+    """
+    name = f"{dataset.info.name}/{dataset.split}"
+    data_hash = hashlib.sha256(dataset.images.numpy().tobytes()).hexdigest()
+    path = Path(cache_dir or stats_cache_dir()) / (
+        f"{safe_name(dataset.info.name)}-{dataset.split}-{extractor.weights_sha256[:16]}-{data_hash[:16]}.npz"
+    )
+    try:
+        with np.load(path) as stored:
+            return Reference(name, stored["features"], FeatureStats(stored["mean"], stored["cov"], int(stored["n"])))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        pass  # not cached yet (or damaged): compute it
+    features = extractor(dataset.images)
+    stats = FeatureStats.from_features(features)
+    _write_file(path, lambda handle: np.savez(handle, features=features, mean=stats.mean, cov=stats.cov, n=stats.n))
+    return Reference(name, features, stats)
+
+
+def _write_file(path: Path, write: Callable[[Any], object]) -> None:
+    """write(handle) to path atomically (io.write_atomically), so that a crash never
+    leaves half a file that a later run would trust."""
+    def write_temporary(temporary: Path) -> None:
+        with temporary.open("wb") as handle:
+            write(handle)
+
+    write_atomically(path, write_temporary)
+
+
+# --- FID of generated images ---------------------------------------------------------------------
+
+def compare(reference: Reference, features: np.ndarray, k: int = PRECISION_RECALL_K) -> dict[str, float]:
+    """FID, precision and recall of ``features`` against a reference split."""
+    fake = FeatureStats.from_features(features)
+    size = min(len(features), len(reference.features))
+    precision, recall = precision_recall(_subset(reference.features, size), _subset(features, size), k)
+    return {
+        "fid": frechet_distance_from_stats(reference.stats.mean, reference.stats.cov, fake.mean, fake.cov),
+        "precision": precision,
+        "recall": recall,
+    }
+
+
+def _subset(features: np.ndarray, size: int) -> np.ndarray:
+    if len(features) == size:
+        return features
+    chosen = np.random.default_rng(_SUBSET_SEED).permutation(len(features))[:size]
+    return features[np.sort(chosen)]
+
+
+def compute_fid(
+    generate: Callable[[int], Iterable[torch.Tensor]],
+    num: int,
+    extractor: FeatureExtractor,
+    references: Iterable[ImageDataset | Reference],
+    *,
+    settings: Mapping[str, Any],
+    work_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    k: int = PRECISION_RECALL_K,
+) -> dict[str, Any]:
+    """FID, precision and recall of ``num`` generated images against each reference split.
+
+    ``generate(start_batch)`` yields batches of samples in [-1, 1] from batch number
+    ``start_batch`` on (e.g. ``lambda k: samplers.sample_batches(..., start_batch=k)``).
+    ``references`` are dataset splits (their features come from the cache, see
+    reference_features) or precomputed References.
+    ``settings`` is everything that decides the images (checkpoint, EMA or raw weights,
+    sampler, steps, seed, batch size, ...): it is copied into the result and, with a
+    ``work_dir``, stored beside the features of every finished batch. Run again with
+    the same work_dir and settings, it resumes at the first unfinished batch; with
+    other settings it refuses rather than mix two experiments.
+
+    The result: per split, "fid", "precision" and "recall"; and the provenance: number
+    generated, reference images per split, extractor and its weights' SHA-256, k, settings.
+    """
+    if num < 2:
+        raise ConfigError(f"FID needs at least 2 generated images, got {num}")
+    references = [
+        reference if isinstance(reference, Reference) else reference_features(reference, extractor, cache_dir=cache_dir)
+        for reference in references
+    ]
+    # Through JSON and back, so that it compares equal with the stored copy (tuples become lists).
+    fingerprint = json.loads(json.dumps({"num": num, **extractor.provenance(), "settings": dict(settings)}, default=str))
+    features = _generated_features(generate, num, extractor, Path(work_dir) / "generated-features" if work_dir else None, fingerprint)
+    return {
+        "splits": {reference.name: compare(reference, features, k) for reference in references},
+        "num_generated": num,
+        "reference_images": {reference.name: reference.stats.n for reference in references},
+        **extractor.provenance(),
+        "feature_dim": int(features.shape[1]),
+        "precision_recall_k": k,
+        "settings": fingerprint["settings"],
+    }
+
+
+def _generated_features(
+    generate: Callable[[int], Iterable[torch.Tensor]],
+    num: int,
+    extractor: FeatureExtractor,
+    store: Path | None,
+    fingerprint: dict[str, Any],
+) -> np.ndarray:
+    """Features of the generated images; with a store folder, one file per finished batch."""
+    finished = _open_store(store, fingerprint) if store else []
+    count = sum(len(batch) for batch in finished)
+    if count < num:
+        for samples in generate(len(finished)):
+            batch = generated_features(extractor, samples)[: num - count]
+            if store:
+                _write_file(store / f"batch-{len(finished):06d}.npy", lambda handle: np.save(handle, batch))
+            finished.append(batch)
+            count += len(batch)
+            if count >= num:
+                break
+    if count < num:
+        raise DdpmError(f"the sample generator stopped after {count} of {num} images")
+    return np.concatenate(finished)[:num]
+
+
+def _open_store(store: Path, fingerprint: dict[str, Any]) -> list[np.ndarray]:
+    """The batches an earlier run with the same settings finished, in order; a new store
+    gets the settings written first."""
+    settings_file = store / "settings.json"
+    if not settings_file.is_file():
+        _write_file(settings_file, lambda handle: handle.write(json.dumps(fingerprint, indent=2).encode()))
+        return []
+    try:
+        stored = json.loads(settings_file.read_text())
+    except json.JSONDecodeError:
+        stored = None
+    if stored != fingerprint:
+        raise ConfigError(
+            f"{store} holds generated features of other settings (see {settings_file.name}); "
+            "delete that folder or choose another output directory"
+        )
+    finished = []
+    while (batch_file := store / f"batch-{len(finished):06d}.npy").is_file():
+        try:
+            finished.append(np.load(batch_file))
+        except (OSError, ValueError):
+            break  # written atomically, so only a damaged disk gets here: redo from this batch
+    return finished
+
+
+def sampler_settings(trained: TrainedModel, **sample_kwargs: Any) -> dict[str, Any]:
+    """The sampler options with the defaults that decide the samples filled in: the
+    spacing, and steps (None = all num_steps)."""
+    steps = sample_kwargs.pop("steps", None)
+    return {"spacing": DEFAULT_SPACING, **sample_kwargs, "steps": trained.schedule.num_steps if steps is None else steps}
+
+
+def fid_settings(trained: TrainedModel, *, seed: int, batch_size: int, **sample_kwargs: Any) -> dict[str, Any]:
+    """Everything that decides a trained model's FID samples: the checkpoint, its step, EMA or
+    raw weights, the seed and batch size (batch k is drawn with seeded_generator(seed, k)) and
+    sampler_settings."""
+    return {
+        "checkpoint": str(trained.path.resolve()), "step": trained.step, "weights": "EMA" if trained.ema else "raw",
+        "seed": seed, "batch_size": batch_size, **sampler_settings(trained, **sample_kwargs),
+    }
+
+
+def settings_digest(settings: Mapping[str, Any]) -> str:
+    """A short hash naming a work folder of one set of settings (the ablation's RUN/fid/<digest>/)."""
+    return hashlib.sha256(json.dumps(dict(settings), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def model_fid(
+    trained: TrainedModel,
+    extractor: FeatureExtractor,
+    *,
+    num: int,
+    against: Sequence[Split] = ("train", "test"),
+    batch_size: int = 256,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    work_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+    description: str = "sampling",
+    floor: bool = False,
+    **sample_kwargs: Any,
+) -> dict[str, Any]:
+    """What ``ddpm fid`` computes: compute_fid of ``num`` samples of a trained model against
+    the splits ``against`` of the dataset it was trained on (as its config reads it); with
+    ``floor``, also real_vs_real of its train split against its test split ("real_vs_real").
+
+    ``sample_kwargs`` go to samplers.sample (sampler, steps, eta, variance, spacing, ...).
+    The settings in the result are fid_settings'. ``work_dir`` makes the run resumable
+    (compute_fid); ``description`` labels the progress bar. "wall_seconds" is the time
+    this call took.
+    """
+    started = time.perf_counter()
+    if num < 2 or batch_size < 1:  # checked before any dataset is read
+        raise ConfigError(f"need num >= 2 and batch_size >= 1, got {num} and {batch_size}")
+    config = trained.config
+    splits = {
+        split: load_dataset(config.dataset, split, data_dir=config.data_dir, image_size=config.image_size, channels=config.channels, seed=config.seed)
+        for split in dict.fromkeys([*against, *(("train", "test") if floor else ())])
+    }
+    sampling = sampler_settings(trained, **sample_kwargs)
+    settings = fid_settings(trained, seed=seed, batch_size=batch_size, **sample_kwargs)
+    num_batches = math.ceil(num / batch_size)
+
+    def generate(start_batch: int) -> Iterable[torch.Tensor]:
+        batches = sample_batches(
+            trained.model, trained.schedule, num, batch_size, trained.image_shape, seed=seed, start_batch=start_batch, device=device, **sampling
+        )
+        return tqdm(batches, total=num_batches, initial=start_batch, unit="batch", desc=description, disable=not progress)
+
+    result = compute_fid(generate, num, extractor, [splits[split] for split in against], settings=settings, work_dir=work_dir, cache_dir=cache_dir)
+    if floor:
+        result["real_vs_real"] = real_vs_real(splits["train"], splits["test"], extractor, cache_dir=cache_dir)
+    return {**result, "device": str(device), "wall_seconds": round(time.perf_counter() - started, 1)}
+
+
+def real_vs_real(
+    first: ImageDataset, second: ImageDataset, extractor: FeatureExtractor, *, cache_dir: str | Path | None = None, k: int = PRECISION_RECALL_K
+) -> dict[str, Any]:
+    """FID, precision and recall of one real split against another (train vs test): the
+    floor a model's FID is compared against, since two samples of the same distribution
+    differ too."""
+    reference = reference_features(first, extractor, cache_dir=cache_dir)
+    other = reference_features(second, extractor, cache_dir=cache_dir)
+    return {
+        "splits": {reference.name: compare(reference, other.features, k)},
+        "compared": other.name,
+        "reference_images": {reference.name: reference.stats.n, other.name: other.stats.n},
+        **extractor.provenance(),
+        "precision_recall_k": k,
+    }
+
+
+def minibatch_fid(
+    model: Callable[..., torch.Tensor],
+    schedule: NoiseSchedule,
+    validation: ImageDataset,
+    extractor: FeatureExtractor,
+    *,
+    num_images: int,
+    batch_size: int,
+    seed: int,
+    **sample_kwargs: Any,
+) -> float:
+    """The poster's per-epoch FID: ``num_images`` samples (cheap sampler settings in
+    sample_kwargs) against the first ``num_images`` validation images.
+
+    The same validation images and seeds every epoch, so that the curve shows the model
+    changing, not the sample. With few images the estimate is biased upwards (Chong &
+    Forsyth 2020), so it is comparable across epochs, not with a full FID.
+    """
+    num_images = min(num_images, len(validation))
+    real = extractor(validation.images[:num_images])
+    image_shape = tuple(validation.images.shape[1:])
+    fake = np.concatenate([
+        generated_features(extractor, samples)
+        for samples in sample_batches(model, schedule, num_images, batch_size, image_shape, seed=seed, **sample_kwargs)
+    ])
+    return frechet_distance(real, fake)
+
+
+def inception_extractor(path: str | Path | None = None, *, device: str | torch.device = "cpu") -> FeatureExtractor:
+    network, sha256 = load_inception(path, device=device)
+    return FeatureExtractor(name="inception-v3-fid", weights_sha256=sha256, network=network, device=torch.device(device), batch_size=50)
