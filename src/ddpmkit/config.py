@@ -21,7 +21,7 @@ from typing import Any, Literal, get_args, get_origin
 
 from .errors import ConfigError
 from .samplers import SamplerName
-from .schedules import ScheduleName
+from .schedules import NoiseSchedule, ScheduleName, linear_schedule, make_schedule
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -44,6 +44,8 @@ class TrainConfig:
     # diffusion (Ho et al. 2020: T = 1000, linear betas 1e-4..0.02)
     schedule: ScheduleName = "linear"
     num_steps: int = 1000
+    beta_start: float | None = None  # linear only: beta_1 and beta_T; None: the schedule's own defaults
+    beta_end: float | None = None
     # model (the poster's UNet: 3 levels 64/128/128, 2 ResBlocks per level)
     base_channels: int = 64
     channel_mults: tuple[int, ...] = (1, 2, 2)
@@ -79,6 +81,12 @@ class TrainConfig:
         for name, annotation in typing.get_type_hints(TrainConfig).items():
             object.__setattr__(self, name, _check_type(name, annotation, getattr(self, name)))
         _require(self.num_steps >= 1, "num_steps must be >= 1")
+        _require((self.beta_start is None) == (self.beta_end is None), "beta_start and beta_end are set together or not at all")
+        _require(self.beta_start is None or self.schedule == "linear", f"beta_start and beta_end set the linear schedule's range, not the {self.schedule} one's")
+        _require(
+            self.beta_start is None or 0 < self.beta_start <= self.beta_end < 1,
+            f"need 0 < beta_start <= beta_end < 1, got {self.beta_start} and {self.beta_end}",
+        )
         _require(self.base_channels >= 1, "base_channels must be >= 1")
         _require(len(self.channel_mults) >= 1 and min(self.channel_mults) >= 1, "channel_mults must be a non-empty list of integers >= 1")
         _require(self.num_res_blocks >= 1, "num_res_blocks must be >= 1")
@@ -101,6 +109,12 @@ class TrainConfig:
         _require(1 <= self.preview_steps <= self.num_steps, f"preview_steps must be in [1, num_steps={self.num_steps}]")
         _require(self.image_size is None or self.image_size >= 1, "image_size must be >= 1")
         _require(self.channels in (None, 1, 3), "channels must be 1 (grayscale) or 3 (RGB)")
+
+    def noise_schedule(self) -> NoiseSchedule:
+        """The schedule of this run: ``schedule`` over ``num_steps``, with beta_start..beta_end if set."""
+        if self.beta_start is None:
+            return make_schedule(self.schedule, self.num_steps)
+        return linear_schedule(self.num_steps, self.beta_start, self.beta_end)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -48,7 +48,7 @@ from .errors import CheckpointError, ConfigError, DdpmError, TrainingError
 from .evaluation import FeatureExtractor, classifier_extractor, minibatch_fid
 from .figures import image_grid, save_image_grid
 from .samplers import sample, seeded_generator
-from .schedules import NoiseSchedule, make_schedule
+from .schedules import NoiseSchedule
 from .unet import UNet, UNetConfig
 
 # Changing only these keys is allowed when resuming a run; everything else would make
@@ -158,7 +158,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
         config.cpu_workers, on_cpu=accelerator.device.type == "cpu", processes=world, compile=config.compile, dropout=config.dropout
     )
     main = accelerator.is_main_process
-    schedule = make_schedule(config.schedule, config.num_steps)
+    schedule = config.noise_schedule()
     fid_extractor = _fid_extractor(config, info, accelerator.device, main)
 
     data_kwargs = dict(data_dir=config.data_dir, image_size=config.image_size, channels=config.channels, seed=config.seed)
@@ -178,6 +178,8 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
     position = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_loss": None, "skipped_steps": 0}
     if resume:
         checkpoint = load_checkpoint(latest_checkpoint(run_dir))
+        if checkpoint.optimizer is None:
+            raise CheckpointError(f"{checkpoint.path} holds no optimizer state (an imported model): there is no training to resume")
         load_weights(model, checkpoint.model, source=str(checkpoint.path))
         load_weights(ema, checkpoint.ema, source=f"{checkpoint.path} (EMA)")
         optimizer.load_state_dict(checkpoint.optimizer)
