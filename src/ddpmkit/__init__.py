@@ -14,6 +14,7 @@ from .config import TrainConfig
 from .data import ImageDataset, load_dataset
 from .errors import CheckpointError, ConfigError, DataError, DdpmError, TrainingError
 from .evaluation import compute_fid, frechet_distance, precision_recall
+from .interop import export_diffusers, import_diffusers
 from .samplers import sample, sample_batches
 from .schedules import NoiseSchedule, cosine_schedule, linear_schedule, make_schedule
 from .training import train
@@ -34,7 +35,9 @@ __all__ = [
     "UNetConfig",
     "compute_fid",
     "cosine_schedule",
+    "export_diffusers",
     "frechet_distance",
+    "import_diffusers",
     "linear_schedule",
     "load_dataset",
     "load_trained_model",

@@ -40,7 +40,8 @@ Conventions of the translation, every one checked by tests/test_interop.py again
   prediction is read. The scheduler's ``timestep_spacing`` and ``steps_offset`` only choose the
   steps of diffusers' own shortened sampling and are not imported. The export keeps diffusers'
   "leading" spacing, which ends at step index 0: DDPMScheduler adds noise at every visited index
-  above 0, so with "trailing" its few-step samples would end with noise of variance 1 - abar.
+  above 0, so with "trailing" and fixed_large its few-step samples would end with noise of
+  variance 1 - abar at the last visited index.
 """
 
 from __future__ import annotations

@@ -107,8 +107,8 @@ class UNetConfig:
         _require(self.num_classes is None or self.num_classes >= 1, "num_classes must be >= 1 (or None for an unconditional model)")
         _require(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
         half = self.base_channels // 2
-        _require(
-            0 <= self.timestep_frequency_shift < half,
+        _require(  # the frequencies divide by half - shift
+            0 <= self.timestep_frequency_shift < max(half, 1),
             f"timestep_frequency_shift must be in [0, {half}) (half the embedding's width, base_channels / 2)",
         )
         _require(self.norm_groups is None or self.norm_groups >= 1, "norm_groups must be >= 1 (or None for group_count's rule)")
