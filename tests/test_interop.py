@@ -205,6 +205,16 @@ def test_no_ema_exports_the_raw_weights(tmp_path, folder_dataset):
     assert not torch.equal(checkpoint.ema["input_conv.weight"], checkpoint.model["input_conv.weight"])
 
 
+def test_a_unet_ema_folder_gives_the_ema_weights(tmp_path, folder_dataset):
+    source = write_diffusers(tmp_path / "source", random_unet2d(seed=0, **TINY))
+    random_unet2d(seed=1, **TINY).save_pretrained(source / "unet_ema")  # as diffusers' training script saves its EMA
+    imported = import_diffusers(source, tmp_path / "run", dataset=dataset_for(folder_dataset))
+    assert imported.separate_ema
+    raw, ema = (load_trained_model(tmp_path / "run", ema=which, cpu_workers=1).model for which in (False, True))
+    for ours, seed in ((raw, 0), (ema, 1)):
+        assert max_difference(ours, random_unet2d(seed=seed, **TINY), {**TINY, "sample_size": 8}) < 1e-5
+
+
 def test_import_export_import_is_bit_identical(tmp_path, folder_dataset):
     theirs = random_unet2d(**CIFAR10_32_SCALED)
     source = write_diffusers(tmp_path / "source", theirs, flat=True, variance_type="fixed_large")
