@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("maths", {"schedules", "group_norm", "unet", "objectives", "metrics"}),
     ("samplers and guidance", {"guidance", "samplers"}),
     ("training and evaluation", {"data", "config", "checkpoint", "classifier", "inception", "fid", "training"}),
-    ("experiments", {"ablation", "sweeps", "figures", "report", "demo"}),
+    ("experiments", {"ablation", "sweeps", "figures", "report", "demo", "interop"}),
     ("command line", {"cli", "__main__"}),
 ]
 LAYER_OF = {module: index for index, (_, modules) in enumerate(LAYERS) for module in modules}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict
 
 import pytest
@@ -90,6 +91,15 @@ def test_timestep_embedding_pads_an_odd_width_with_a_zero_column():
     assert torch.equal(embedding[:, :8], timestep_embedding(torch.tensor([7]), 8))  # half = 4 in both
 
 
+def test_timestep_embedding_with_a_frequency_shift_and_cosines_first():
+    # dim 8, shift 1 (Ho et al.'s released model): frequencies 1 / 10000^(k/3) = 1, 10000^(-1/3), 10000^(-2/3), 1e-4.
+    embedding = timestep_embedding(torch.tensor([0, 3, 700]), 8, frequency_shift=1, cos_first=True)
+    frequencies = [10000.0 ** (-k / 3) for k in range(4)]
+    for row, t in enumerate([0, 3, 700]):
+        expected = [math.cos(t * f) for f in frequencies] + [math.sin(t * f) for f in frequencies]
+        assert embedding[row].tolist() == pytest.approx(expected, abs=1e-5)
+
+
 def test_timestep_changes_the_output_and_a_single_index_broadcasts():
     model = with_random_output(tiny()).eval()
     x = images()
@@ -164,6 +174,76 @@ def test_invalid_arguments_raise_config_error(options, message):
     assert message in str(info.value)
     with pytest.raises(ConfigError):
         UNet(**options)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"timestep_frequency_shift": 32}, "timestep_frequency_shift must be in [0, 32)"),
+        ({"norm_groups": 0}, "norm_groups must be >= 1"),
+        ({"norm_eps": 0.0}, "norm_eps must be > 0"),
+        ({"attention_head_dim": 0}, "attention_head_dim must be >= 1"),
+        ({"null_label_embedding": False}, "null_label_embedding=False describes a conditional model"),
+        ({"downsample_padding": "zero"}, "downsample_padding must be one of 'symmetric', 'bottom-right'"),
+    ],
+)
+def test_invalid_layout_options_raise_config_error(options, message):
+    with pytest.raises(ConfigError) as info:
+        UNetConfig(**options)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"norm_groups": 3}, "norm_groups=3 does not divide the 8 channels"),
+        ({"attention_levels": (1,), "attention_head_dim": 5}, "attention_head_dim=5 does not divide the 16 channels"),
+    ],
+)
+def test_layout_options_that_do_not_divide_the_widths_are_refused_when_the_model_is_built(options, message):
+    UNetConfig(**TINY, **options)  # valid on its own: the widths are only known to the model
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        tiny(**options)
+
+
+def test_middle_attention_is_independent_of_the_level_attention():
+    assert tiny().middle[0].attention is None and tiny(attention_levels=(2,)).middle[0].attention is not None
+    assert tiny(middle_attention=True).middle[0].attention is not None
+    assert tiny(attention_levels=(2,), middle_attention=False).middle[0].attention is None
+
+
+def test_attention_heads_match_the_per_head_softmax_formula():
+    torch.manual_seed(3)
+    attention = SelfAttention(8, head_dim=4)
+    x = torch.randn(2, 8, 4, 4)
+    pixels = attention.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+    query, key, value = attention.qkv(pixels).chunk(3, dim=-1)
+    heads = []
+    for h in range(2):  # head h: channels 4h .. 4h + 3 of Q, K and V
+        part = slice(4 * h, 4 * h + 4)
+        weights = torch.softmax(query[..., part] @ key[..., part].transpose(1, 2) / math.sqrt(4), dim=-1)
+        heads.append(weights @ value[..., part])
+    expected = x + attention.out(torch.cat(heads, dim=-1)).transpose(1, 2).reshape(2, 8, 4, 4)
+    torch.testing.assert_close(attention(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bottom_right_padding_pads_after_the_image_only():
+    from ddpmkit.unet import Downsample
+
+    torch.manual_seed(4)
+    down = Downsample(3, padding="bottom-right")
+    x = torch.randn(1, 3, 8, 8)
+    expected = F.conv2d(F.pad(x, (0, 1, 0, 1)), down.conv.weight, down.conv.bias, stride=2)
+    assert down(x).shape == (1, 3, 4, 4) and torch.equal(down(x), expected)
+
+
+def test_a_model_without_the_no_label_row_refuses_no_label():
+    model = tiny(num_classes=3, null_label_embedding=False)
+    assert model.label_embedding.num_embeddings == 3 and model.null_label == -1
+    model(images(), torch.tensor([1, 2]), torch.tensor([0, 2]))
+    for y in (None, torch.tensor([0, -1])):
+        with pytest.raises(ConfigError, match='no "no label" embedding'):
+            model(images(), torch.tensor([1, 2]), y)
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,8 @@ _EXPORTS = {
     "TrainingError": "errors",
     "compute_fid": "fid",
     "frechet_distance": "metrics",
+    "export_diffusers": "interop",
+    "import_diffusers": "interop",
     "precision_recall": "metrics",
     "ddpm_loss": "objectives",
     "sample": "samplers",

@@ -32,7 +32,7 @@ from .batch_threads import BatchThreads, resolve_cpu_workers
 from .config import TrainConfig, config_from_dict
 from .errors import CheckpointError
 from .io import load_weights, write_atomically
-from .schedules import NoiseSchedule, make_schedule
+from .schedules import NoiseSchedule
 from .unet import UNet, UNetConfig
 
 FORMAT = "ddpmkit-checkpoint-1"
@@ -227,6 +227,17 @@ class TrainedModel:
     ema: bool
 
 
+def model_description(checkpoint: Checkpoint) -> tuple[TrainConfig, UNetConfig, int]:
+    """The run config, the UNet's config and the image size stored in a checkpoint."""
+    try:
+        config = config_from_dict(checkpoint.config, source=str(checkpoint.path))
+        model_config = UNetConfig(**checkpoint.state["model_config"])
+        image_size = int(checkpoint.state["image_size"])
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"{checkpoint.path} lacks its model description ({exc})") from None
+    return config, model_config, image_size
+
+
 def load_trained_model(
     path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu", compile: bool = False, cpu_workers: int = 0
 ) -> TrainedModel:
@@ -240,19 +251,14 @@ def load_trained_model(
     measured in benchmarks/README.md.
     """
     checkpoint = load_checkpoint(resolve_checkpoint(path))
-    try:
-        config = config_from_dict(checkpoint.config, source=str(checkpoint.path))
-        model_config = UNetConfig(**checkpoint.state["model_config"])
-        image_size = int(checkpoint.state["image_size"])
-    except (KeyError, TypeError) as exc:
-        raise CheckpointError(f"{checkpoint.path} lacks its model description ({exc})") from None
+    config, model_config, image_size = model_description(checkpoint)
     model = UNet.from_config(model_config)
     load_weights(model, checkpoint.ema if ema else checkpoint.model, source=f"{checkpoint.path} ({'EMA' if ema else 'raw'} weights)")
     model.to(device).eval().requires_grad_(False)
     workers = resolve_cpu_workers(cpu_workers, on_cpu=torch.device(device).type == "cpu", compile=compile)
     return TrainedModel(
         model=torch.compile(model) if compile else BatchThreads(model, workers) if workers > 1 else model,
-        schedule=make_schedule(config.schedule, config.num_steps),
+        schedule=config.noise_schedule(),
         config=config,
         image_shape=(model_config.in_channels, image_size, image_size),
         path=checkpoint.path,

@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_guidance_sweep_command(commands)
     _add_evaluation_commands(commands)
     _add_experiment_commands(commands)
+    _add_interop_commands(commands)
     return parser
 
 
@@ -628,4 +629,57 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     for path in write_report(args.runs, args.out):
         print(f"ddpm: wrote {path}")
+    return 0
+
+
+# --- diffusers in and out ---------------------------------------------------------------------
+
+def _add_interop_commands(commands: Any) -> None:
+    from .choices import VARIANCE_NAMES
+
+    imported = commands.add_parser(
+        "import-diffusers", help="a diffusers DDPM (UNet2DModel + DDPMScheduler) as a ddpmkit run",
+        description="Write a diffusers model folder (config.json + diffusion_pytorch_model.safetensors [+ scheduler_config.json]), "
+                    "a pipeline folder (unet/, scheduler/) or a Hub repo id as a run directory that every ddpm command reads. "
+                    "Reads JSON and safetensors only; weights only in .bin (pickle) files are refused.",
+    )
+    imported.add_argument("source", help="diffusers folder, or a Hub repo id such as google/ddpm-cifar10-32 (pip install 'ddpmkit[hub]')")
+    imported.add_argument("--out", type=Path, required=True, help="run directory to create")
+    imported.add_argument("--dataset", required=True, help="the data the model was trained on, which ddpm fid compares with: " + _HELP["dataset"])
+    imported.add_argument("--data-dir", default=None)
+    imported.set_defaults(handler=_cmd_import_diffusers)
+
+    exported = commands.add_parser(
+        "export-diffusers", help="a run as a folder that diffusers' DDPMPipeline.from_pretrained loads",
+        description="Write model_index.json, unet/ (config.json, diffusion_pytorch_model.safetensors) and scheduler/ "
+                    "(a DDPMScheduler that samples as ddpm sample --sampler ddpm does with the same --variance and clipping).",
+    )
+    exported.add_argument("run", type=Path, help="run directory (latest checkpoint) or a checkpoint file")
+    exported.add_argument("--out", type=Path, required=True, help="folder to create")
+    exported.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (default) or raw")
+    exported.add_argument("--variance", default="beta", choices=VARIANCE_NAMES,
+                          help="the scheduler's variance_type: beta = fixed_large (default), posterior = fixed_small")
+    exported.add_argument("--no-clip", dest="clip_denoised", action="store_false", help="clip_sample false (x0 not clipped to [-1, 1])")
+    exported.set_defaults(handler=_cmd_export_diffusers)
+
+
+def _cmd_import_diffusers(args: argparse.Namespace) -> int:
+    from .interop import import_diffusers
+
+    imported = import_diffusers(args.source, args.out, dataset=args.dataset, data_dir=args.data_dir)
+    weights = "EMA weights from unet_ema/, raw from unet/" if imported.separate_ema else "one set of weights, as both EMA and raw"
+    print(f"ddpm: imported {args.source} into {imported.run_dir} ({imported.checkpoint.name}, {weights})")
+    if not imported.scheduler_found:
+        print("ddpm: the source has no scheduler config; DDPMScheduler's defaults were used (linear 1e-4 .. 0.02, 1000 steps)")
+    flags = imported.sampler_flags()
+    if flags:
+        print(f"ddpm: its scheduler samples as: ddpm sample {imported.run_dir} {' '.join(flags)}")
+    return 0
+
+
+def _cmd_export_diffusers(args: argparse.Namespace) -> int:
+    from .interop import export_diffusers
+
+    out = export_diffusers(args.run, args.out, ema=args.ema, variance=args.variance, clip_denoised=args.clip_denoised)
+    print(f"ddpm: wrote {out} ({'EMA' if args.ema else 'raw'} weights); in Python: diffusers.DDPMPipeline.from_pretrained({str(out)!r})")
     return 0

@@ -15,11 +15,14 @@ import json
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .choices import Device, Precision, SamplerName, ScheduleName
 from .errors import ConfigError
 from .validation import check_dataclass_fields, require
+
+if TYPE_CHECKING:
+    from .schedules import NoiseSchedule
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -39,6 +42,8 @@ class TrainConfig:
     # diffusion (Ho et al. 2020: T = 1000, linear betas 1e-4..0.02)
     schedule: ScheduleName = "linear"
     num_steps: int = 1000
+    beta_start: float | None = None  # linear only: beta_1 and beta_T; None: the schedule's own defaults
+    beta_end: float | None = None
     # model (the poster's UNet: 3 levels 64/128/128, 2 ResBlocks per level)
     base_channels: int = 64
     channel_mults: tuple[int, ...] = (1, 2, 2)
@@ -73,6 +78,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_dataclass_fields(self)
         require(self.num_steps >= 1, "num_steps must be >= 1")
+        require((self.beta_start is None) == (self.beta_end is None), "beta_start and beta_end are set together or not at all")
+        require(self.beta_start is None or self.schedule == "linear", f"beta_start and beta_end set the linear schedule's range, not the {self.schedule} one's")
+        require(
+            self.beta_start is None or 0 < self.beta_start <= self.beta_end < 1,
+            f"need 0 < beta_start <= beta_end < 1, got {self.beta_start} and {self.beta_end}",
+        )
         require(self.base_channels >= 1, "base_channels must be >= 1")
         require(len(self.channel_mults) >= 1 and min(self.channel_mults) >= 1, "channel_mults must be a non-empty list of integers >= 1")
         require(self.num_res_blocks >= 1, "num_res_blocks must be >= 1")
@@ -95,6 +106,15 @@ class TrainConfig:
         require(1 <= self.preview_steps <= self.num_steps, f"preview_steps must be in [1, num_steps={self.num_steps}]")
         require(self.image_size is None or self.image_size >= 1, "image_size must be >= 1")
         require(self.channels in (None, 1, 3), "channels must be 1 (grayscale) or 3 (RGB)")
+
+    def noise_schedule(self) -> NoiseSchedule:
+        """The schedule of this run: ``schedule`` over ``num_steps``, with beta_start..beta_end if set."""
+        # Deferred: importing the config (as the command line's parser does) loads no torch.
+        from .schedules import linear_schedule, make_schedule
+
+        if self.beta_start is None:
+            return make_schedule(self.schedule, self.num_steps)
+        return linear_schedule(self.num_steps, self.beta_start, self.beta_end)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

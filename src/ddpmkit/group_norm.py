@@ -210,8 +210,8 @@ class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm, followed by SiLU if ``silu``; the same parameters and state-dict keys.
     On channels_last float32 CPU tensors it takes the fast path of the module docstring."""
 
-    def __init__(self, num_groups: int, num_channels: int, silu: bool = False) -> None:
-        super().__init__(num_groups, num_channels)
+    def __init__(self, num_groups: int, num_channels: int, silu: bool = False, eps: float = 1e-5) -> None:
+        super().__init__(num_groups, num_channels, eps=eps)
         self.silu = silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

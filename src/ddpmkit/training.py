@@ -54,7 +54,7 @@ from .io import load_weights, write_text
 from .objectives import ddpm_loss, draw_timesteps_and_noise
 from .rng import TrainingStream, seeded_generator
 from .samplers import sample
-from .schedules import NoiseSchedule, make_schedule
+from .schedules import NoiseSchedule
 from .unet import NO_LABEL, UNet, UNetConfig
 from .validation import resolve_device
 
@@ -248,7 +248,7 @@ def _set_up(config: TrainConfig, run_dir: Path, resume: bool, progress: bool) ->
         config.cpu_workers, on_cpu=accelerator.device.type == "cpu", processes=world, compile=config.compile, dropout=config.dropout
     )
     main = accelerator.is_main_process
-    schedule = make_schedule(config.schedule, config.num_steps)
+    schedule = config.noise_schedule()
     fid_extractor = _fid_extractor(config, info, accelerator.device, main)
 
     data_kwargs = dict(data_dir=config.data_dir, image_size=config.image_size, channels=config.channels, seed=config.seed)
@@ -267,6 +267,8 @@ def _set_up(config: TrainConfig, run_dir: Path, resume: bool, progress: bool) ->
     position = TrainingPosition()
     if resume:
         checkpoint = load_checkpoint(latest_checkpoint(run_dir))
+        if checkpoint.optimizer is None:
+            raise CheckpointError(f"{checkpoint.path} holds no optimizer state (an imported model): there is no training to resume")
         load_weights(model, checkpoint.model, source=str(checkpoint.path))
         load_weights(ema, checkpoint.ema, source=f"{checkpoint.path} (EMA)")
         optimizer.load_state_dict(checkpoint.optimizer)
