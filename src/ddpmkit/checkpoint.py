@@ -16,6 +16,7 @@ Layout of a run directory::
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -225,6 +226,15 @@ def write_atomically(path: str | Path, write: Callable[[Path], object], *, what:
 
 
 # --- helpers ---------------------------------------------------------------------------
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes as hex, read in chunks (hashlib.file_digest needs Python 3.11)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
 
 def _fsync_path(path: Path) -> None:
     descriptor = os.open(path, os.O_RDONLY)

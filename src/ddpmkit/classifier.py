@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import pooch
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
@@ -34,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
-from .checkpoint import load_weights
+from .checkpoint import file_sha256, load_weights
 from .data import FOLDER_PREFIX, ImageDataset, load_dataset, to_model_range
 from .errors import CheckpointError, ConfigError, DdpmError
 from .samplers import seeded_generator
@@ -344,7 +343,7 @@ def save_classifier(model: Classifier, report: dict[str, Any], directory: str | 
             "ddpmkit_version": __version__,
             "config": asdict(model.config),
             "report": report,
-            "weights_sha256": pooch.file_hash(str(weights), alg="sha256"),
+            "weights_sha256": file_sha256(weights),
         }
         (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     except OSError as exc:
@@ -368,7 +367,7 @@ def load_classifier(path: str | Path, *, device: str | torch.device = "cpu") -> 
         raise CheckpointError(f"{meta_path} is damaged ({exc})") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{meta_path} does not describe a ddpmkit classifier (format {meta.get('format')!r})")
-    if pooch.file_hash(str(weights), alg="sha256") != recorded_hash:
+    if file_sha256(weights) != recorded_hash:
         raise CheckpointError(f"{weights} is corrupt: its SHA-256 differs from the one recorded in {META_FILE}")
     try:
         state = load_file(str(weights))

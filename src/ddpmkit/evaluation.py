@@ -36,13 +36,12 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import numpy as np
-import pooch
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import TrainedModel, load_weights, write_atomically
+from .checkpoint import TrainedModel, file_sha256, load_weights, write_atomically
 from .classifier import cache_root, find_classifier, load_classifier, safe_name
 from .data import ImageDataset, Split, load_dataset, to_model_range, to_uint8
 from .errors import CheckpointError, ConfigError, DdpmError
@@ -696,11 +695,14 @@ def inception_weights_path(path: str | Path | None = None) -> Path:
         if candidate.is_file():
             return candidate
     try:
+        import pooch  # only when a download is needed (data.py's _fetch says why)
+
         # No known_hash: the SHA-256 prefix is checked by load_inception like any found file.
         return Path(pooch.retrieve(INCEPTION_WEIGHTS_URL, known_hash=None, fname=INCEPTION_WEIGHTS_FILE, path=folder))
-    except (OSError, ValueError) as exc:
+    except (ImportError, OSError, ValueError) as exc:
+        reason = f"{exc.name} is not installed" if isinstance(exc, ImportError) else type(exc).__name__
         raise DdpmError(
-            f"the FID Inception weights are not here and could not be downloaded ({type(exc).__name__}); "
+            f"the FID Inception weights are not here and could not be downloaded ({reason}); "
             f"put {INCEPTION_WEIGHTS_FILE} (from {INCEPTION_WEIGHTS_URL}) into {folder}"
         ) from None
 
@@ -708,7 +710,7 @@ def inception_weights_path(path: str | Path | None = None) -> Path:
 def load_inception(path: str | Path | None = None, *, device: str | torch.device = "cpu") -> tuple[FIDInceptionV3, str]:
     """The FID Inception network with its weights, in eval mode, and the weights file's SHA-256."""
     path = inception_weights_path(path)
-    sha256 = pooch.file_hash(str(path), alg="sha256")
+    sha256 = file_sha256(path)
     if not sha256.startswith(INCEPTION_SHA256_PREFIX):
         raise CheckpointError(f"{path} is not the FID Inception weights file (its SHA-256 does not start with {INCEPTION_SHA256_PREFIX})")
     try:
