@@ -21,6 +21,8 @@ helper runs both libraries' models, so the table separates the model from the ex
     .venv/bin/python benchmarks/throughput.py --profile          # where a sampling forward spends its time
 
 diffusers is needed only here (it is in the dev environment, not a ddpmkit dependency).
+gpu_check.py times its cases with this module's helpers, also in bf16 and fp16 (Case.precision)
+and at toy sizes (Case.base_channels).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,26 +43,35 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from ddpmkit.batch_threads import BatchThreads, backward_in_slices
+from ddpmkit.choices import Precision
 
 RESULTS = Path(__file__).parent / "results"
 IMAGE = (1, 28, 28)
 TRAIN_BATCH, SAMPLE_BATCH = 64, 256  # the issue's measuring batches
 MEMORY_TRAIN_BATCH, MEMORY_SAMPLE_BATCH = 128, 1024  # the issue's memory batches
+POSTER_BASE_CHANNELS = 64
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build(kind: str) -> torch.nn.Module:
-    """The poster's configuration in either library (6.40M vs 6.47M parameters)."""
+def build(kind: str, base_channels: int = POSTER_BASE_CHANNELS) -> torch.nn.Module:
+    """The poster's configuration in either library (6.40M vs 6.47M parameters); channels
+    base/2 base/2 base, so that a smaller base gives a toy of the same architecture."""
     if kind == "ddpmkit":
         from ddpmkit.unet import UNet
 
-        return UNet(in_channels=1, base_channels=64, channel_mults=(1, 2, 2), num_res_blocks=2, attention_levels=(1,))
+        return UNet(in_channels=1, base_channels=base_channels, channel_mults=(1, 2, 2), num_res_blocks=2, attention_levels=(1,))
     from diffusers import UNet2DModel
 
     return UNet2DModel(
-        sample_size=28, in_channels=1, out_channels=1, block_out_channels=(64, 128, 128), layers_per_block=2,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=32,
+        sample_size=28, in_channels=1, out_channels=1, block_out_channels=(base_channels, 2 * base_channels, 2 * base_channels),
+        layers_per_block=2, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=min(32, base_channels),
     )
+
+
+def autocast(precision: Precision, device: str) -> AbstractContextManager[object]:
+    """Mixed precision as ddpmkit's trainer runs it (Accelerate's autocast), or nothing for fp32."""
+    return nullcontext() if precision == "fp32" else torch.autocast(device, dtype=_AUTOCAST_DTYPES[precision])
 
 
 @dataclass
@@ -70,16 +82,20 @@ class Case:
     channels_last: bool = False
     compile: bool = False
     workers: int = 1  # > 1: the batch split over worker threads (ddpmkit.batch_threads)
+    precision: Precision = "fp32"  # bf16, fp16: autocast (fp16 with a loss scaler)
+    base_channels: int = POSTER_BASE_CHANNELS
     compile_seconds: dict[str, float] = field(default_factory=dict)
+    peak_cuda_mib: dict[str, float] = field(default_factory=dict)  # per mode, CUDA only
 
     @property
     def name(self) -> str:
-        options = ((self.channels_last, "+cl"), (self.compile, "+compile"), (self.workers > 1, "+threads"))
+        options = ((self.channels_last, "+cl"), (self.precision != "fp32", f"+{self.precision}"), (self.compile, "+compile"),
+                   (self.workers > 1, "+threads"))
         return self.kind + "".join(suffix for on, suffix in options if on)
 
     def model(self, device: str) -> tuple[torch.nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
         torch.manual_seed(0)
-        model = build(self.kind).to(device)
+        model = build(self.kind, self.base_channels).to(device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         forward = torch.compile(model) if self.compile else model
@@ -98,18 +114,21 @@ class Case:
 def training_step(case: Case, batch: int, device: str) -> Callable[[], None]:
     """A full training step: forward, MSE, backward, Adam (Algorithm 1's inner loop), with
     each library's optimizer as its training runs it: ddpmkit's trainer uses the fused Adam,
-    diffusers' training examples torch's default."""
+    diffusers' training examples torch's default. In fp16 the loss is scaled (GradScaler)."""
     model, forward = case.model(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=case.kind == "ddpmkit")
+    scaler = torch.amp.GradScaler(device, enabled=case.precision == "fp16")
     x, t = case.inputs(batch, device)
     noise = torch.randn_like(x)
 
     def slice_loss(rows: slice) -> torch.Tensor:
-        return F.mse_loss(forward(x[rows], t[rows]), noise[rows], reduction="sum") / noise.numel()
+        return scaler.scale(F.mse_loss(forward(x[rows], t[rows]).float(), noise[rows], reduction="sum") / noise.numel())
 
     def step() -> None:
-        backward_in_slices(slice_loss, batch, list(model.parameters()), case.workers)
-        optimizer.step()
+        with autocast(case.precision, device):
+            backward_in_slices(slice_loss, batch, list(model.parameters()), case.workers)
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
     return step
@@ -123,7 +142,7 @@ def sampling_forward(case: Case, batch: int, device: str) -> Callable[[], None]:
     split_forward = BatchThreads(forward, case.workers)
 
     def step() -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(case.precision, device):
             split_forward(x, t)
 
     return step
@@ -143,11 +162,11 @@ def timed(step: Callable[[], None], iterations: int, device: str) -> float:
     return time.perf_counter() - start
 
 
-def flops_per_image(kind: str, training: bool) -> float:
+def flops_per_image(kind: str, training: bool, base_channels: int = POSTER_BASE_CHANNELS) -> float:
     """Counted FLOPs per image: a forward, or forward + backward (weights and inputs)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    case = Case(kind)
+    case = Case(kind, base_channels=base_channels)
     model, forward = case.model("cpu")
     x, t = case.inputs(2, "cpu")
     # MATH: the counter sees the attention matmuls, whichever kernel the speed run uses.
@@ -170,15 +189,23 @@ def matmul_ceiling(device: str) -> float:
 
 
 def interleaved_speeds(cases: list[Case], mode: str, batch: int, iterations: int, repeats: int, device: str) -> dict[str, list[float]]:
-    """images/s of every case, per repeat; within a repeat the cases run one after another."""
+    """images/s of every case, per repeat; within a repeat the cases run one after another.
+
+    On CUDA each case's peak memory (its model, optimizer state and the activations of its
+    first two steps, above what was allocated before it was built) goes to peak_cuda_mib."""
     make = training_step if mode == "train" else sampling_forward
     steps = {}
     for case in cases:
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            allocated_before = torch.cuda.memory_allocated()
         steps[case.name] = make(case, batch, device)
         start = time.perf_counter()
         steps[case.name]()  # warm-up; with torch.compile this call compiles
         case.compile_seconds[mode] = time.perf_counter() - start
         steps[case.name]()
+        if device == "cuda":
+            case.peak_cuda_mib[mode] = (torch.cuda.max_memory_allocated() - allocated_before) / 2**20
         print(f"{mode} b{batch}: {case.name} first step {case.compile_seconds[mode]:.1f} s", flush=True)
     speeds: dict[str, list[float]] = {case.name: [] for case in cases}
     for repeat in range(repeats):
@@ -268,6 +295,9 @@ def main() -> None:
         }
         if case.compile:
             row["compile s (train / sample)"] = f"{case.compile_seconds['train']:.0f} / {case.compile_seconds['sample']:.0f}"
+        if device == "cuda":
+            row[f"peak CUDA train b{TRAIN_BATCH} (MiB)"] = case.peak_cuda_mib["train"]
+            row[f"peak CUDA sample b{SAMPLE_BATCH} (MiB)"] = case.peak_cuda_mib["sample"]
         if not args.no_memory:
             row[f"peak RSS train b{MEMORY_TRAIN_BATCH} (MiB)"] = peak_rss_mib(case, "train", MEMORY_TRAIN_BATCH, device)
             row[f"peak RSS sample b{MEMORY_SAMPLE_BATCH} (MiB)"] = peak_rss_mib(case, "sample", MEMORY_SAMPLE_BATCH, device)

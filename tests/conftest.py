@@ -1,6 +1,16 @@
-"""Shared fixtures: a tiny synthetic image-folder dataset and a tiny training config."""
+"""Shared fixtures: a tiny synthetic image-folder dataset, a tiny training config, and the
+device of the device tests.
+
+``pytest --device cuda`` runs every test that takes the ``device`` fixture on the GPU (they
+carry the ``device`` marker, so ``-m device`` selects exactly them); the default, cpu, runs
+them as before. On CUDA, float arithmetic is made reproducible and full precision, as the
+tests' oracles assume: deterministic algorithms (cuBLAS needs its workspace setting before
+its first use) and no TF32 in convolutions or matmuls.
+"""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -8,6 +18,32 @@ import torch
 from PIL import Image
 
 torch.set_num_threads(1)  # tests are tiny; one thread avoids oversubscribing 2 cores
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", choices=("cpu", "cuda"), default="cpu", help="where the device tests (-m device) run; default cpu")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "device: takes the device fixture, so runs on pytest --device (cpu by default)")
+    if config.getoption("--device") == "cuda":
+        if not torch.cuda.is_available():
+            raise pytest.UsageError("--device cuda: torch sees no CUDA device")
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.device)
+
+
+@pytest.fixture(scope="session")
+def device(request: pytest.FixtureRequest) -> torch.device:
+    return torch.device(request.config.getoption("--device"))
 
 
 def write_folder_dataset(root, *, per_class=24, size=8, classes=("bar", "dot")):

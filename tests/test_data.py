@@ -17,6 +17,8 @@ import os
 import pickle
 import socket
 import struct
+import subprocess
+import sys
 import tarfile
 import tempfile
 import threading
@@ -787,3 +789,33 @@ def test_offline_is_a_one_line_data_error(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="could not download") as caught:
         load_dataset("cifar10", "test", data_dir=tmp_path)
     assert "\n" not in str(caught.value) and "cifar-10-python.tar.gz" in str(caught.value)
+
+
+def test_without_pooch_ddpmkit_imports_reads_local_files_and_says_a_download_needs_it(tmp_path):
+    # The offline GPU machine of benchmarks/README.md has no pooch (nor requests): importing
+    # ddpmkit, reading carried IDX files and saving and loading the FID classifier must work
+    # there, and only a needed download may fail, as a DataError naming the missing package.
+    rng = np.random.default_rng(5)
+    images, labels = random_images(rng, 6, (28, 28)), rng.integers(0, 10, 6).astype(np.uint8)
+    write_idx_pair(tmp_path / "fashion-mnist", IDX_TEST_FILES, images, labels)
+    program = f"""
+import sys
+sys.modules["pooch"] = sys.modules["requests"] = None  # import pooch now raises ImportError
+import numpy as np
+import ddpmkit
+from ddpmkit import DataError
+from ddpmkit.classifier import Classifier, load_classifier, save_classifier
+ddpmkit.data.SYSTEM_DIRS = {{}}  # not Debian's Fashion-MNIST package, should it be installed
+test = ddpmkit.load_dataset("fashion-mnist", "test", data_dir={str(tmp_path)!r})
+assert np.array_equal(test.images[:, 0].numpy(), np.load({str(tmp_path / "images.npy")!r}))
+save_classifier(Classifier(1, 28, num_classes=10, width=4), {{}}, {str(tmp_path / "classifier")!r})
+load_classifier({str(tmp_path / "classifier")!r})
+try:
+    ddpmkit.load_dataset("fashion-mnist", "train", data_dir={str(tmp_path)!r})
+except DataError as error:
+    print(error)
+"""
+    np.save(tmp_path / "images.npy", images)
+    ran = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert "downloading needs pooch, which is not installed" in ran.stdout and "train-images-idx3-ubyte.gz" in ran.stdout

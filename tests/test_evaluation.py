@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import requests
 import scipy.linalg
 import torch
 
@@ -122,6 +121,13 @@ def test_precision_recall_needs_more_than_k_points():
 
 # --- reference features and their cache ----------------------------------------------------------
 
+def tolerance(device: torch.device, rtol: float, atol: float) -> dict[str, float]:
+    """rtol and atol of features on ``device`` against the same network on the CPU: those
+    given on the CPU; on a GPU 1e-4 and 1e-5, since cuDNN's convolution algorithms sum in
+    other orders than oneDNN's (TF32 is off, conftest), float32 rounding that a deep network
+    like Inception carries to about 1e-5 of a feature's size."""
+    return dict(rtol=rtol, atol=atol) if device.type == "cpu" else dict(rtol=max(rtol, 1e-4), atol=max(atol, 1e-5))
+
 def tiny_dataset(split: str, count: int = 64, seed: int = 0) -> ImageDataset:
     generator = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (count, 1, 8, 8), generator=generator, dtype=torch.uint8)
@@ -129,10 +135,10 @@ def tiny_dataset(split: str, count: int = 64, seed: int = 0) -> ImageDataset:
     return ImageDataset(images=images, labels=torch.zeros(count, dtype=torch.int64), info=info, split=split)
 
 
-def mean_pool_extractor(sha: str = "a" * 64) -> FeatureExtractor:
+def mean_pool_extractor(sha: str = "a" * 64, device: torch.device = torch.device("cpu")) -> FeatureExtractor:
     """Features: the mean of each 2x2 quarter of the image (4 numbers), deterministic."""
     return FeatureExtractor(
-        name="quarters", weights_sha256=sha, device=torch.device("cpu"),
+        name="quarters", weights_sha256=sha, device=device,
         network=lambda x: torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1),
     )
 
@@ -179,18 +185,18 @@ def test_extractor_quantises_generated_samples_like_saved_images():
         extractor(samples)  # floats are refused: the extractor takes uint8 images
 
 
-def test_classifier_extractor_gives_the_penultimate_features(tmp_path, monkeypatch):
+def test_classifier_extractor_gives_the_penultimate_features(tmp_path, monkeypatch, device):
     from ddpmkit.classifier import Classifier, save_classifier
 
     monkeypatch.setenv("DDPMKIT_CACHE", str(tmp_path))
     torch.manual_seed(0)
     model = Classifier(1, 8, num_classes=2, width=8).eval()
     save_classifier(model, {"dataset": "toy"}, tmp_path / "classifiers" / "toy")
-    extractor = fid.load_extractor("classifier", "toy")
+    extractor = fid.load_extractor("classifier", "toy", device=device)
     images = tiny_dataset("test").images
     with torch.no_grad():
         expected = model.features(to_model_range(images)).numpy()
-    np.testing.assert_allclose(extractor(images), expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(extractor(images), expected, **tolerance(device, rtol=1e-6, atol=1e-7))
     assert extractor.name == "classifier:toy"
     assert extractor.weights_sha256 == json.loads((tmp_path / "classifiers" / "toy" / "config.json").read_text())["weights_sha256"]
 
@@ -217,17 +223,18 @@ def batch_generator(calls: list[int], *, stop_after: int | None = None, num: int
     return generate
 
 
-def test_compute_fid_reports_metrics_and_provenance(tmp_path):
+def test_compute_fid_reports_metrics_and_provenance(tmp_path, device):
     references = [tiny_dataset("train", 80), tiny_dataset("test", 40, seed=2)]
-    result = compute_fid(batch_generator([]), 50, mean_pool_extractor(), references, settings={"sampler": "ddim", "steps": 10}, cache_dir=tmp_path)
+    extractor = mean_pool_extractor(device=device)
+    result = compute_fid(batch_generator([]), 50, extractor, references, settings={"sampler": "ddim", "steps": 10}, cache_dir=tmp_path)
     assert set(result["splits"]) == {"toy/train", "toy/test"}
     assert result["num_generated"] == 50
     assert result["reference_images"] == {"toy/train": 80, "toy/test": 40}
     assert result["extractor"] == "quarters" and result["extractor_sha256"] == "a" * 64
     assert result["settings"] == {"sampler": "ddim", "steps": 10}
     # Uniform noise images vs uniform noise images: a small FID, computed as documented.
-    fake = np.concatenate([fid.generated_features(mean_pool_extractor(), b) for b in batch_generator([])(0)])
-    train = reference_features(references[0], mean_pool_extractor(), cache_dir=tmp_path)
+    fake = np.concatenate([fid.generated_features(extractor, b) for b in batch_generator([])(0)])
+    train = reference_features(references[0], extractor, cache_dir=tmp_path)
     assert result["splits"]["toy/train"]["fid"] == pytest.approx(frechet_distance(train.features, fake), rel=1e-9)
     assert result["splits"]["toy/train"]["precision"] == pytest.approx(
         precision_recall(fid._subset(train.features, 50), fake)[0]
@@ -271,19 +278,21 @@ def test_real_vs_real_of_a_split_with_itself_is_zero(tmp_path):
     assert other["splits"]["toy/train"]["fid"] > 0 and other["compared"] == "toy/test"
 
 
-def test_minibatch_fid_compares_samples_with_the_first_validation_images():
+def test_minibatch_fid_compares_samples_with_the_first_validation_images(device):
     validation = tiny_dataset("val", 40)
     schedule = linear_schedule(20)
+    extractor = mean_pool_extractor(device=device)
 
     def model(x_t, t):  # a fixed toy noise predictor
         return 0.5 * x_t
 
-    kwargs = dict(sampler="ddim", steps=4)
-    value = minibatch_fid(model, schedule, validation, mean_pool_extractor(), num_images=24, batch_size=8, seed=7, **kwargs)
+    kwargs = dict(sampler="ddim", steps=4, device=device)
+    value = minibatch_fid(model, schedule, validation, extractor, num_images=24, batch_size=8, seed=7, **kwargs)
     from ddpmkit.samplers import sample_batches
 
     samples = torch.cat(list(sample_batches(model, schedule, 24, 8, (1, 8, 8), seed=7, **kwargs)))
-    expected = frechet_distance(mean_pool_extractor()(validation.images[:24]), fid.generated_features(mean_pool_extractor(), samples))
+    assert samples.device.type == device.type
+    expected = frechet_distance(extractor(validation.images[:24]), fid.generated_features(extractor, samples))
     assert value == pytest.approx(expected, rel=1e-9)
 
 
@@ -368,11 +377,9 @@ def test_inception_weights_missing_offline_names_the_folder(tmp_path, monkeypatc
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
 
     def offline(*args, **kwargs):
-        raise requests.exceptions.ConnectionError("no network")
+        raise ConnectionError("no network")  # what requests' ConnectionError also is (an OSError)
 
-    import pooch
-
-    monkeypatch.setattr(pooch, "retrieve", offline)
+    monkeypatch.setattr("pooch.retrieve", offline)
     with pytest.raises(DdpmError, match="pt_inception-2015-12-05-6726825d.pth") as error:
         fid.inception_extractor()
     assert str(tmp_path / "cache" / "inception") in str(error.value)
@@ -380,7 +387,7 @@ def test_inception_weights_missing_offline_names_the_folder(tmp_path, monkeypatc
         fid.inception_extractor(tmp_path / "nowhere.pth")
 
 
-def test_inception_weights_are_loaded_strictly_and_checked(tmp_path, monkeypatch):
+def test_inception_weights_are_loaded_strictly_and_checked(tmp_path, monkeypatch, device):
     torch.manual_seed(0)
     network = FIDInceptionV3()
     state = dict(network.state_dict())
@@ -393,13 +400,13 @@ def test_inception_weights_are_loaded_strictly_and_checked(tmp_path, monkeypatch
     import pooch
 
     monkeypatch.setattr(inception, "INCEPTION_SHA256_PREFIX", pooch.file_hash(str(path))[:8])
-    extractor = fid.inception_extractor(path)
+    extractor = fid.inception_extractor(path, device=device)
     images = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
     features = extractor(images)
     assert features.shape == (2, 2048) and np.isfinite(features).all()
     with torch.inference_mode():
         expected = network.eval()(to_model_range(images).expand(-1, 3, -1, -1))
-    np.testing.assert_allclose(features, expected.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(features, expected.numpy(), **tolerance(device, rtol=1e-5, atol=1e-6))
     assert extractor.weights_sha256 == pooch.file_hash(str(path))
 
     del state["fc.bias"]

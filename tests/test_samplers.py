@@ -39,7 +39,7 @@ def gaussian_eps_model(schedule):
     """eps*(x_t, t) = E[eps | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) MU) / (abar STD^2 + 1 - abar)."""
 
     def model(x_t, t):
-        abar = schedule.alpha_bars[t].to(x_t.dtype).view(-1, *[1] * (x_t.dim() - 1))
+        abar = schedule.alpha_bars.to(x_t.device)[t].to(x_t.dtype).view(-1, *[1] * (x_t.dim() - 1))
         return (1 - abar).sqrt() * (x_t - abar.sqrt() * MU) / (abar * STD**2 + 1 - abar)
 
     return model
@@ -189,14 +189,15 @@ def dpm_solver_pp_2m(model, schedule, x, visited, noise=None):
 
 @pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
 @pytest.mark.parametrize("spacing", ["trailing", "uniform"])
-def test_dpm_solver_is_algorithm_2_of_the_paper(schedule_name, spacing):
+def test_dpm_solver_is_algorithm_2_of_the_paper(schedule_name, spacing, device):
     schedule, model, shape = SCHEDULES[schedule_name], toy_eps_model(1000), (3, 1, 2, 2)
     visited = timestep_indices(1000, 8, spacing).tolist()
     (x_T,) = noise_draws(5, shape, 1)
     expected = dpm_solver_pp_2m(model, schedule, x_T, visited)
     got = sample(model, schedule, shape, sampler="dpm-solver++", steps=8, spacing=spacing, clip_denoised=False,
-                 dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+                 dtype=torch.float64, generator=torch.Generator().manual_seed(5), device=device)
+    assert got.device.type == device.type
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
@@ -223,7 +224,7 @@ ODE_TOLERANCES = {
 
 @pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
 @pytest.mark.parametrize("sampler", ["ddim", "dpm-solver++"])
-def test_deterministic_samplers_solve_the_probability_flow_ode_of_a_gaussian(schedule_name, sampler):
+def test_deterministic_samplers_solve_the_probability_flow_ode_of_a_gaussian(schedule_name, sampler, device):
     schedule, num = SCHEDULES[schedule_name], 2000
     abar_T = schedule.alpha_bars[-1].item()
     (x_T,) = noise_draws(0, (num, 1, 1, 1), 1)
@@ -231,7 +232,7 @@ def test_deterministic_samplers_solve_the_probability_flow_ode_of_a_gaussian(sch
     errors = []
     for steps, tolerance in ODE_TOLERANCES[sampler].items():
         x0 = sample(gaussian_eps_model(schedule), schedule, (num, 1, 1, 1), sampler=sampler, steps=steps,
-                    clip_denoised=False, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+                    clip_denoised=False, dtype=torch.float64, generator=torch.Generator().manual_seed(0), device=device).cpu()
         errors.append((x0 - exact).abs().max().item())
         assert errors[-1] < tolerance, (steps, errors)
         assert abs(x0.mean().item() - exact.mean().item()) < tolerance
@@ -265,12 +266,12 @@ STD_TOLERANCES = {10: 0.25, 50: 0.08, 1000: 0.015}  # few ancestral steps lose v
     {"sampler": "ddim", "eta": 1.0},
     {"sampler": "dpm-solver++-sde"},
 ], ids=["ddpm-beta", "ddpm-posterior", "ddim-eta1", "dpm-solver++-sde"])
-def test_stochastic_samplers_reproduce_a_gaussian(schedule_name, kwargs):
+def test_stochastic_samplers_reproduce_a_gaussian(schedule_name, kwargs, device):
     schedule, num = SCHEDULES[schedule_name], 20000
     std_errors = []
     for steps, std_tolerance in STD_TOLERANCES.items():
         x0 = sample(gaussian_eps_model(schedule), schedule, (num, 1, 1, 1), steps=steps, clip_denoised=False,
-                    generator=torch.Generator().manual_seed(0), **kwargs)
+                    generator=torch.Generator().manual_seed(0), device=device, **kwargs)
         assert abs(x0.mean().item() - MU) < MEAN_TOLERANCE
         std_errors.append(abs(x0.std().item() - STD))
         assert std_errors[-1] < std_tolerance, (steps, std_errors)

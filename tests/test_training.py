@@ -16,9 +16,9 @@ def _metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_tiny_model_learns(folder_dataset, tmp_path):
+def test_a_tiny_model_learns(folder_dataset, tmp_path, device):
     # 48 images, batch 8: each of the 8 epochs revisits the same images, so the loss must fall.
-    summary = train(tiny_config(folder_dataset, epochs=8, log_every=5), tmp_path / "run", progress=False)
+    summary = train(tiny_config(folder_dataset, epochs=8, log_every=5, device=device.type), tmp_path / "run", progress=False)
     losses = [r["train_loss"] for r in _metrics(tmp_path / "run") if "train_loss" in r]
     assert summary.step == 8 * 5 and not summary.interrupted
     assert losses[-1] < 0.85 * losses[0]
@@ -46,8 +46,10 @@ def test_run_directory_contents(folder_dataset, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(trained.model.state_dict().values(), raw.model.state_dict().values()))
 
 
-def test_resume_gives_the_same_weights_as_one_uninterrupted_run(folder_dataset, tmp_path):
-    config = tiny_config(folder_dataset, dropout=0.1, epochs=3)
+def test_resume_gives_the_same_weights_as_one_uninterrupted_run(folder_dataset, tmp_path, device):
+    # On CUDA too (conftest's deterministic algorithms): dropout draws from the CUDA generator,
+    # whose state the checkpoint carries.
+    config = tiny_config(folder_dataset, dropout=0.1, epochs=3, device=device.type)
     train(config, tmp_path / "whole", progress=False)
     train(config.replace(max_steps=7), tmp_path / "split", progress=False)  # stops mid-epoch 1
     assert load_checkpoint(latest_checkpoint(tmp_path / "split")).state["step"] == 7

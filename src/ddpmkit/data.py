@@ -50,8 +50,6 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import pooch
-import requests
 import torch
 from PIL import Image
 
@@ -268,6 +266,14 @@ def _fetch(name: str, file: str, directory: Path, missing: list[str]) -> None:
     """Download one official file into ``directory``; pooch keeps it only if its SHA-256 matches."""
     mirror = os.environ.get(MIRROR_ENV)
     url = (f"{mirror.rstrip('/')}/{name}/" if mirror else BASE_URLS[name]) + file
+    # Imported here, not at the top: `import ddpmkit` and every read of files already on
+    # disk work where pooch is not installed (an offline GPU machine, benchmarks/README.md).
+    try:
+        import pooch
+        import requests
+    except ImportError as error:
+        raise DataError(f"{name}: {', '.join(missing)} not found in {directory}, and downloading needs {error.name}, "
+                        f"which is not installed; put the file(s) there or install {error.name}") from None
     try:
         pooch.retrieve(url, known_hash=f"sha256:{SHA256[name][file]}", fname=file, path=directory, progressbar=False)
     except requests.RequestException as error:  # before ValueError: some request errors are both

@@ -227,13 +227,14 @@ def inception_weights_path(path: str | Path | None = None) -> Path:
         if candidate.is_file():
             return candidate
     try:
-        # No known_hash: the SHA-256 prefix is checked by load_inception like any found file.
-        import pooch  # only when a download is needed
+        import pooch  # only when a download is needed (data.py's _fetch says why)
 
+        # No known_hash: the SHA-256 prefix is checked by load_inception like any found file.
         return Path(pooch.retrieve(INCEPTION_WEIGHTS_URL, known_hash=None, fname=INCEPTION_WEIGHTS_FILE, path=folder))
-    except (OSError, ValueError) as exc:
+    except (ImportError, OSError, ValueError) as exc:
+        reason = f"{exc.name} is not installed" if isinstance(exc, ImportError) else type(exc).__name__
         raise DdpmError(
-            f"the FID Inception weights are not here and could not be downloaded ({type(exc).__name__}); "
+            f"the FID Inception weights are not here and could not be downloaded ({reason}); "
             f"put {INCEPTION_WEIGHTS_FILE} (from {INCEPTION_WEIGHTS_URL}) into {folder}"
         ) from None
 
