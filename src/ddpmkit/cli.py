@@ -51,6 +51,7 @@ _HELP = {
     "tensorboard": "also log metrics and sample grids to RUN/tensorboard (pip install 'ddpmkit[tensorboard]')",
     "compile": "torch.compile the model (Accelerate's inductor backend): opt-in, compiling first takes minutes",
     "cpu_workers": _CPU_WORKERS_HELP,
+    "preview_images": "images in the grid sampled after each epoch (RUN/samples/epoch-NNN.png; 0: none)",
 }
 
 
@@ -201,9 +202,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         config = resolve_config(args.config, overrides)
     summary = train(config, args.out, resume=args.resume, progress=not args.no_progress)
+    if summary.interrupted and not summary.main_process:  # the main process says how to resume
+        return 128 + summary.stop_signal
     if summary.interrupted:
         raise Interrupted(f"training stopped at step {summary.step}", summary.stop_signal)
-    say(f"next: ddpm sample {shlex.quote(str(args.out))} --sampler dpm-solver++ --steps 20 --out {shlex.quote(str(args.out / 'samples.png'))}")
+    if summary.main_process:
+        say(f"next: ddpm sample {shlex.quote(str(args.out))} --sampler dpm-solver++ --steps 20 "
+            f"--out {shlex.quote(str(args.out / 'samples.png'))}")
     return 0
 
 
@@ -434,7 +439,7 @@ def _guidance_options(args: argparse.Namespace, trained: Any, device: str) -> tu
     guidance flags, what the results record of them, and a phrase describing them; all
     empty without --class."""
     from .classifier import classifier_provenance, load_guiding_classifier
-    from .guidance import check_classifier_free, class_labels, num_guided_classes, resolve_classes
+    from .guidance import check_classifier_free, class_labels, is_conditional, num_guided_classes, resolve_classes
 
     if args.classes is None:
         if args.per_class is not None or args.guidance or args.classifier_guidance is not None:
@@ -450,7 +455,8 @@ def _guidance_options(args: argparse.Namespace, trained: Any, device: str) -> tu
         raise ConfigError(f"--classifier-guidance must be finite and >= 0, got {args.classifier_guidance}")
     check_classifier_free(trained.model, args.guidance)
     options: dict[str, Any] = {"guidance_scale": args.guidance}
-    record: dict[str, Any] = {"guidance": args.guidance}
+    conditional = is_conditional(trained.model)
+    record: dict[str, Any] = {"guidance": args.guidance} if conditional else {}  # w is a conditional model's
     classifier = None
     if args.classifier_guidance is not None:
         classifier, path = load_guiding_classifier(trained.config.dataset, args.guidance_form, args.classifier, device=device)
@@ -463,7 +469,9 @@ def _guidance_options(args: argparse.Namespace, trained: Any, device: str) -> tu
         labels = class_labels(classes, -(-args.num // len(classes)))[: args.num]
     options["labels"] = labels
     record.update(classes=classes, **({"per_class": args.per_class} if args.per_class is not None else {}))
-    described = f"; classes {', '.join(map(str, classes))}, classifier-free w = {args.guidance:g}"
+    described = f"; class{'es' if len(classes) > 1 else ''} {', '.join(map(str, classes))}"
+    if conditional:
+        described += f", classifier-free w = {args.guidance:g}"
     if classifier is not None:
         described += f", classifier guidance lambda = {args.classifier_guidance:g} ({args.guidance_form}, {record['classifier']})"
     return options, record, described
@@ -769,10 +777,13 @@ def _cmd_figures_reverse(args: argparse.Namespace) -> int:
 
 def _cmd_ablation(args: argparse.Namespace) -> int:
     from .ablation import ABLATION_FILE, read_ablation, run_ablation
+    from .choices import ATTENTION_SWITCHES
     from .report import details_table, text_table
 
     if args.num_fid < 2 or args.fid_batch_size < 1:
         raise ConfigError("--num-fid must be >= 2 and --fid-batch-size >= 1")
+    if not set(args.attention) <= set(ATTENTION_SWITCHES):
+        raise ConfigError(f"--attention takes on, off or on,off, got {','.join(args.attention)}")
     kwargs = sampler_kwargs(args)
     base = resolve_config(args.config, {"dataset": args.dataset, "epochs": args.epochs})
     check_writable([args.out / ABLATION_FILE])

@@ -229,11 +229,11 @@ def compute_fid(
 def small_sample_warnings(sizes: Mapping[str, int], feature_dim: int, k: int = PRECISION_RECALL_K) -> list[str]:
     """One warning per set of images (name: count) too small for FID in ``feature_dim``
     dimensions: n images have a covariance of rank at most n - 1, so with n <= feature_dim it
-    is singular, the FID is mostly the estimate's bias, and the k-NN balls of precision and
-    recall cover nearly everything."""
+    is singular and the FID mostly the estimate's bias; precision and recall from the k
+    nearest of so few neighbours are as unreliable."""
     return [
         f"{name}: {n} images in a {feature_dim}-dimensional feature space, whose covariance has rank at most {n - 1}: "
-        f"FID is mostly estimation bias and precision/recall (k = {k}) near 1 by construction; use more than {feature_dim} images"
+        f"FID is mostly estimation bias, and precision/recall (k = {k} neighbours) unreliable; use more than {feature_dim} images"
         for name, n in sizes.items() if n <= feature_dim
     ]
 

@@ -60,7 +60,9 @@ _DESCRIPTIONS = (
 )
 _STYLE = """
 body { font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+div.table { overflow-x: auto; margin: 0.5em 0 1.5em; }
+table { border-collapse: collapse; }
+table.runs td { white-space: nowrap; }
 th, td { border: 1px solid #bbb; padding: 0.25em 0.6em; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 dl.config { columns: 3; font-size: 0.85em; }
@@ -68,7 +70,7 @@ dl.config div { break-inside: avoid; }
 dl.config dt { font-weight: bold; } dl.config dd { margin: 0 0 0.3em 1em; word-break: break-all; }
 details { margin: 0.5em 0 1.5em; } summary { cursor: pointer; color: #555; }
 figure { display: inline-block; margin: 0.5em; vertical-align: top; max-width: 100%; overflow-x: auto; }
-figure img { min-width: 160px; max-width: 100%; image-rendering: pixelated; border: 1px solid #ddd; cursor: zoom-in; }
+figure img { max-width: 100%; border: 1px solid #ddd; cursor: zoom-in; }
 figure img.full { max-width: none; cursor: zoom-out; }
 figcaption { font-size: 0.85em; }
 """
@@ -397,7 +399,7 @@ def _html_table(rows: Sequence[Sequence[str]], css_class: str) -> str:
     header, *body = rows
     head = "".join(f"<th>{_e(cell)}</th>" for cell in header)
     lines = "".join("<tr>" + "".join(f"<td>{_e(cell)}</td>" for cell in row) + "</tr>\n" for row in body)
-    return f'<table class="{css_class}">\n<tr>{head}</tr>\n{lines}</table>'
+    return f'<div class="table"><table class="{css_class}">\n<tr>{head}</tr>\n{lines}</table></div>'
 
 
 def _html_pairs(values: Mapping[str, Any]) -> str:

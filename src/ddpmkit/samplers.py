@@ -32,7 +32,7 @@ precomputed coefficients. Conventions shared by all of them:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -440,21 +440,24 @@ def sample_batches(
 
 @contextmanager
 def step_progress(
-    num_batches: int, steps: int, *, description: str = "sampling", start_batch: int = 0, disable: bool = False
+    num_batches: int, steps: int, *, description: str = "sampling", start_batch: int = 0, disable: bool = False,
+    batch_labels: Sequence[str] | None = None,
 ) -> Iterator[Callback]:
     """A progress bar over the model evaluations of ``num_batches`` sampling runs of
     ``steps`` steps each (from batch ``start_batch`` on); yields the ``callback`` for
-    sample or sample_batches that advances it, one step a call, naming the batch in progress."""
+    sample or sample_batches that advances it, one step a call, naming the batch in
+    progress ("batch 2/5", or its entry of ``batch_labels``)."""
     from tqdm.auto import tqdm
 
+    labels = batch_labels or [f"batch {k + 1}/{num_batches}" for k in range(num_batches)]
     batch = start_batch
     with tqdm(total=num_batches * steps, initial=start_batch * steps, unit="step", desc=description,
               disable=disable, dynamic_ncols=True) as bar:
         def advance(info: dict[str, Any]) -> None:
             nonlocal batch
             if info["i"] == 0:
+                bar.set_postfix_str(labels[batch])
                 batch += 1
-                bar.set_postfix_str(f"batch {batch}/{num_batches}")
             bar.update(1)
 
         yield advance

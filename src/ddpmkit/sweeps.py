@@ -88,7 +88,8 @@ def guidance_sweep(
     labels = class_labels(classes, per_class)
     results = []
     num_batches = -(-len(labels) // batch_size)
-    with step_progress(len(scales) * num_batches, steps or schedule.num_steps, description=kind, disable=not progress) as advance:
+    names = [f"scale {scale:g}, batch {k + 1}/{num_batches}" for scale in scales for k in range(num_batches)]
+    with step_progress(len(names), steps or schedule.num_steps, description=kind, disable=not progress, batch_labels=names) as advance:
         for scale in scales:
             if kind == "classifier-free":
                 guidance: dict[str, Any] = {"guidance_scale": scale}
@@ -215,7 +216,7 @@ def sweep_run(
     save_strips(
         to_model_range(torch.stack(rows)), [f"class {c}" for c in classes for _ in range(shown)],
         [f"{symbol} = {scale:g}" for scale in scales],
-        f"{kind} guidance: {shown} sample(s) of each class per scale, the same noise in every row", grid, settings=settings,
+        f"{kind} guidance: {shown} sample{'s' if shown > 1 else ''} of each class per scale, the same noise in every row", grid, settings=settings,
     )
     return SweepOutput(results, table, plot, grid, warnings)
 

@@ -48,7 +48,7 @@ from .classifier import find_classifier
 from .config import TrainConfig, config_from_dict, differences_from_defaults
 from .data import DatasetInfo, ImageDataset, dataset_info, load_dataset
 from .errors import CheckpointError, ConfigError, DdpmError, TrainingError
-from .fid import FeatureExtractor, classifier_extractor, minibatch_fid
+from .fid import FeatureExtractor, classifier_extractor, minibatch_fid, small_sample_warnings
 from .images import image_grid, save_image_grid, to_model_range
 from .io import load_weights, say, write_text
 from .objectives import ddpm_loss, draw_timesteps_and_noise
@@ -94,6 +94,7 @@ class TrainSummary:
     fid: float | None = None  # the last per-epoch FID
     seconds: float = 0.0  # wall time of this session
     stop_signal: int | None = None  # the signal that stopped an interrupted run
+    main_process: bool = True  # False on the other processes of a multi-process run
 
 
 def model_config_for(config: TrainConfig, channels: int, num_classes: int) -> UNetConfig:
@@ -181,6 +182,7 @@ class _Run:
     bar: Any
     stop: _StopFlag = field(default_factory=lambda: _StopFlag())
     val_loss: float | None = None
+    val_step: int = 0  # the step val_loss was measured at
     train_loss: float | None = None
     fid: float | None = None
     started: float = field(default_factory=time.perf_counter)
@@ -363,7 +365,7 @@ def _end_epoch(run: _Run, tensorboard: Any) -> None:
     config, position, device = run.config, run.position, run.accelerator.device
     epoch = position.epoch
     run.bar.set_description_str(f"epoch {epoch + 1}: validation loss")
-    run.val_loss = validation_loss(run.accelerator, run.model_for_evaluation, run.schedule, run.val_set, config)
+    run.val_loss, run.val_step = validation_loss(run.accelerator, run.model_for_evaluation, run.schedule, run.val_set, config), position.step
     position.epoch, position.batch_in_epoch = epoch + 1, 0
     record: dict[str, Any] = {"step": position.step, "epoch": epoch, "val_loss": run.val_loss}
     if run.main and config.preview_images:
@@ -403,14 +405,16 @@ def _finish(run: _Run) -> TrainSummary:
         if run.stop.requested:
             say(f"stopped at step {run.position.step} ({run.stop.signal_name}); checkpoint {run.last_checkpoint}")
         else:
-            scores = [f"{name} {value:.4f}" for name, value in (("train loss", run.train_loss), ("validation loss", run.val_loss))
-                      if value is not None] + ([f"FID {run.fid:.2f}"] if run.fid is not None else [])
+            at = f" (step {run.val_step})" if run.val_step != run.position.step else ""
+            scores = ([f"train loss {run.train_loss:.4f}"] if run.train_loss is not None else []) + (
+                [f"validation loss {run.val_loss:.4f}" + (f", FID {run.fid:.2f}" if run.fid is not None else "") + at]
+                if run.val_loss is not None else [])
             say(f"finished at step {run.position.step} in {_duration(seconds)}" + (f": {', '.join(scores)}" if scores else "")
                 + f"; checkpoint {run.last_checkpoint}")
     run.accelerator.end_training()
     return TrainSummary(
         run.run_dir, run.position.step, run.position.epoch, run.stop.requested, run.last_checkpoint, run.val_loss,
-        train_loss=run.train_loss, fid=run.fid, seconds=seconds, stop_signal=run.stop.signal_number,
+        train_loss=run.train_loss, fid=run.fid, seconds=seconds, stop_signal=run.stop.signal_number, main_process=run.main,
     )
 
 
@@ -588,7 +592,9 @@ def _fid_extractor(config: TrainConfig, info: DatasetInfo, device: torch.device,
     extractor = classifier_extractor(path, device=device)
     # One blank image through it now, so that a classifier made for another image size
     # or channel count fails before training, not at the end of the first epoch.
-    extractor(torch.zeros((1, info.channels, info.image_size, info.image_size), dtype=torch.uint8))
+    feature_dim = extractor(torch.zeros((1, info.channels, info.image_size, info.image_size), dtype=torch.uint8)).shape[1]
+    for warning in small_sample_warnings({"per-epoch FID": config.fid_batches * config.batch_size}, feature_dim) if main else ():
+        say(f"warning: {warning} (it is still comparable from epoch to epoch)")
     return extractor
 
 
