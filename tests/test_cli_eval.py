@@ -202,6 +202,7 @@ def test_per_epoch_fid_tensorboard_and_fid_curve(cache, folder_dataset, tmp_path
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "per-epoch FID off" not in out
+    assert out.count("ddpm: warning: per-epoch FID: 8 images in a 128-dimensional feature space") == 1  # 1 batch of 8
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if "val_loss" in r]
     for number, record in enumerate(epochs, 1):  # one line per epoch, with what metrics.jsonl holds

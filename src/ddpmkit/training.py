@@ -593,8 +593,9 @@ def _fid_extractor(config: TrainConfig, info: DatasetInfo, device: torch.device,
     # One blank image through it now, so that a classifier made for another image size
     # or channel count fails before training, not at the end of the first epoch.
     feature_dim = extractor(torch.zeros((1, info.channels, info.image_size, info.image_size), dtype=torch.uint8)).shape[1]
-    for warning in small_sample_warnings({"per-epoch FID": config.fid_batches * config.batch_size}, feature_dim) if main else ():
-        say(f"warning: {warning} (it is still comparable from epoch to epoch)")
+    if main:
+        for warning in small_sample_warnings({"per-epoch FID": config.fid_batches * config.batch_size}, feature_dim):
+            say(f"warning: {warning} (it is still comparable from epoch to epoch)")
     return extractor
 
 
