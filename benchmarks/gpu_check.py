@@ -419,7 +419,7 @@ def resume_child(payload: dict[str, Any]) -> dict[str, Any]:
         config = TrainConfig(
             dataset=f"folder:{folder}", image_size=28, channels=1, base_channels=payload["base_channels"], channel_mults=(1, 2, 2),
             num_res_blocks=2, attention_levels=(1,), dropout=0.1, batch_size=16, epochs=3, lr=1e-3, precision=precision,
-            device=device, log_every=1, checkpoint_every=1000, sample_every_epoch=0, fid_batches=0,
+            device=device, log_every=1, checkpoint_every=1000, preview_images=0, fid_batches=0,
         )
         if precision == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
             entries[precision] = {"verdict": "not supported", "unsupported": True, "summary": "not supported by this GPU"}

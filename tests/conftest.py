@@ -70,7 +70,7 @@ def folder_dataset(tmp_path_factory):
 
 
 def tiny_config(folder, **changes):
-    from ddpmkit.config import TrainConfig
+    from ddpmkit.config import config_from_dict
 
     values = dict(
         dataset=f"folder:{folder}",
@@ -85,13 +85,13 @@ def tiny_config(folder, **changes):
         lr=1e-3,
         log_every=1,
         checkpoint_every=3,
-        sample_every_epoch=4,
+        preview_images=4,
         preview_steps=5,
         fid_batches=0,
         device="cpu",
     )
     values.update(changes)
-    return TrainConfig(**values)
+    return config_from_dict(values)
 
 
 @pytest.fixture(scope="session")
@@ -101,5 +101,5 @@ def tiny_run(folder_dataset, tmp_path_factory):
     from ddpmkit.training import train
 
     path = tmp_path_factory.mktemp("runs") / "run"
-    train(tiny_config(folder_dataset, max_steps=2, sample_every_epoch=0), path, progress=False)
+    train(tiny_config(folder_dataset, max_steps=2, preview_images=0), path, progress=False)
     return path

@@ -54,7 +54,7 @@ def test_ablation_resumes_skips_and_reuses_its_samples(folder_dataset, tmp_path,
     dataset = f"folder:{folder_dataset}"
     # An untrained classifier is a fixed feature network; that is all FID needs here.
     save_classifier(Classifier(1, 8, num_classes=2, width=8), {"dataset": dataset}, classifier_cache_dir() / safe_name(dataset))
-    base = tiny_config(folder_dataset, epochs=2, sample_every_epoch=0)  # 43 train images, batch 8: 5 steps per epoch
+    base = tiny_config(folder_dataset, epochs=2, preview_images=0)  # 43 train images, batch 8: 5 steps per epoch
     out = tmp_path / "ablation"
     # linear-noattn was stopped at step 3 of 10; linear-attn was never started.
     train(Combination("linear", "off").config(base).replace(max_steps=3), out / "linear-noattn", progress=False)
@@ -106,3 +106,26 @@ def test_a_run_folder_without_checkpoint_is_not_overwritten(folder_dataset, tmp_
     (run_dir / "metrics.jsonl").write_text("")
     with pytest.raises(DdpmError, match="holds no checkpoint"):
         ablation.train_combination(tiny_config(folder_dataset), run_dir, progress=False)
+
+
+def test_the_ablation_command_prints_its_table(folder_dataset, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    score = {"precision": 0.5, "recall": 0.25}
+    # A made-up row (test fixture numbers): the command's job here is to print what ablation.json holds.
+    row = {"name": "linear-noattn", "train_fid": 12.5, "test_fid": 14.25, "scores": {"train": {"fid": 12.5, **score},
+           "test": {"fid": 14.25, **score}}, "step": 10, "train_seconds": 3.0, "eval_seconds": 2.0}
+
+    def fake_run_ablation(base, out_dir, **kwargs):
+        ablation.write_ablation(out_dir / "ablation.json", [row], dataset=base.dataset, num_fid=6, sampling=kwargs["sampling"])
+        return [row]
+
+    monkeypatch.setattr(ablation, "run_ablation", fake_run_ablation)
+    assert main(["ablation", "--dataset", f"folder:{folder_dataset}", "--out", str(out), "--sampler", "ddim", "--steps", "3"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split() == ["run", "train", "FID", "test", "FID", "train", "precision", "train", "recall", "test",
+                                  "precision", "test", "recall", "step", "train", "s", "FID", "s"]
+    assert printed[1].split() == ["linear-noattn", "12.50", "14.25", "0.50", "0.25", "0.50", "0.25", "10", "3", "2"]
+    assert printed[-1] == f"ddpm: next: ddpm report {out}"
+    # What sampled the FID images, the spacing included, and of eta and the variance only ddim's eta.
+    assert json.loads((out / "ablation.json").read_text())["sampling"] == {
+        "sampler": "ddim", "steps": 3, "spacing": "trailing", "clip_denoised": True, "eta": 0.0}

@@ -1,5 +1,6 @@
 """The ddpm command end to end on a tiny folder dataset, and its error messages."""
 
+import re
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ from PIL import Image
 from ddpmkit.cli import main
 
 TINY = ["--image-size", "8", "--channels", "1", "--num-steps", "50", "--base-channels", "8", "--channel-mults", "1,2",
-        "--num-res-blocks", "1", "--batch-size", "8", "--checkpoint-every", "2", "--sample-every-epoch", "0",
+        "--num-res-blocks", "1", "--batch-size", "8", "--checkpoint-every", "2", "--preview-images", "0",
         "--fid-batches", "0", "--device", "cpu", "--no-progress", "--lr", "1e-3"]
 
 
@@ -22,9 +23,15 @@ def test_train_resume_sample_end_to_end(folder_dataset, tmp_path, capsys):
     run = tmp_path / "run"
     assert _train(folder_dataset, run, "--max-steps", "3", "--attention", "1") == 0
     out = capsys.readouterr().out
-    assert '"attention_levels": [\n    1\n  ]' in out  # the resolved config is printed at start-up
+    # The settings that differ from the defaults, one line; the whole config is in config.json.
+    [settings] = [line for line in out.splitlines() if line.startswith("ddpm: settings other than the defaults: ")]
+    assert "attention_levels=[1]" in settings and "max_steps=3" in settings and "lr=0.001" in settings
+    assert "ema_decay" not in settings and str(run / "config.json") in settings
+    assert "finished at step 3 in " in out and "train loss " in out and f"next: ddpm sample {run}" in out
     assert main(["train", "--out", str(run), "--resume", "--max-steps", "5", "--no-progress"]) == 0
-    assert "finished at step 5" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"ddpm: resuming {run} from step 3 (epoch 1) to step 5" in out
+    assert re.search(r"ddpm: finished at step 5 in \d+ s: train loss \d\.\d{4}", out)
     grid = tmp_path / "grid.png"
     assert main(["sample", str(run), "--num", "6", "--batch-size", "4", "--steps", "10", "--out", str(grid), "--seed", "3"]) == 0
     picture = Image.open(grid)

@@ -24,7 +24,7 @@ from ddpmkit.rng import TrainingStream, seeded_generator
 from ddpmkit.training import train
 
 TINY_TRAIN = ["--image-size", "8", "--channels", "1", "--num-steps", "50", "--base-channels", "8", "--channel-mults", "1,2",
-              "--num-res-blocks", "1", "--batch-size", "8", "--checkpoint-every", "100", "--sample-every-epoch", "4",
+              "--num-res-blocks", "1", "--batch-size", "8", "--checkpoint-every", "100", "--preview-images", "4",
               "--preview-steps", "5", "--device", "cpu", "--no-progress", "--lr", "1e-3"]
 FID_ARGS = ["--num", "10", "--batch-size", "4", "--sampler", "ddim", "--steps", "3", "--seed", "5", "--no-progress", "--device", "cpu"]
 
@@ -48,9 +48,11 @@ def cache(tmp_path_factory, folder_dataset):
 def test_train_classifier_saves_into_the_cache_and_reports_accuracy(folder_dataset, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DDPMKIT_CACHE", str(tmp_path))
     dataset = _dataset(folder_dataset)
-    assert main(["train-classifier", "--dataset", dataset, "--image-size", "8", "--channels", "1", "--epochs", "2", "--device", "cpu"]) == 0
+    argv = ["train-classifier", "--dataset", dataset, "--image-size", "8", "--channels", "1", "--epochs", "2", "--device", "cpu"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     directory = find_classifier(dataset)  # found by dataset name
+    assert out.startswith(f"ddpm: training the classifier of {dataset} for 2 epoch(s) into {directory}\n")  # before the work
     assert directory.parent == tmp_path / "classifiers" and (directory / "model.safetensors").is_file()
     report = json.loads((directory / "config.json").read_text())["report"]
     printed = float(re.search(r"test accuracy (\d\.\d+) on 5 ", out).group(1))
@@ -58,6 +60,9 @@ def test_train_classifier_saves_into_the_cache_and_reports_accuracy(folder_datas
     # A folder's test split is its val split, so its classifier trains on train alone (48 - 5 val images).
     assert report["train_images"] == 43 and report["epochs"] == 2
     assert f"saved {directory}" in out and re.search(r"trained in \d+\.\d s", out)
+    first = json.loads((directory / "config.json").read_text())["weights_sha256"]
+    assert main([*argv[:-4], "--epochs", "1", "--device", "cpu"]) == 0  # the cached one is replaced, and that is said
+    assert f"it replaces the one there, SHA-256 {first[:12]}..., test accuracy" in capsys.readouterr().out
 
 
 def test_train_classifier_noisy_into_out_reports_accuracy_per_step_index(folder_dataset, tmp_path, monkeypatch, capsys):
@@ -100,7 +105,7 @@ def test_fid_end_to_end_with_provenance_and_floor(tiny_run, cache, folder_datase
     assert (settings["weights"], settings["sampler"], settings["steps"], settings["seed"], settings["batch_size"]) == ("EMA", "ddim", 3, 5, 4)
     assert settings["spacing"] == "trailing" and result["wall_seconds"] >= 0 and result["precision_recall_k"] == 3
     # Oracle: the Frechet distance of the stored generated features to the train split's.
-    stored = sorted((tmp_path / "fid-work" / "generated-features").glob("batch-*.npy"))
+    stored = sorted((tmp_path / "fid-work" / "generated-features").glob("*/batch-*.npy"))
     assert len(stored) == 3  # ceil(10 / 4) batches
     generated = np.concatenate([np.load(path) for path in stored])
     extractor = classifier_extractor(classifier_dir)
@@ -115,6 +120,30 @@ def test_fid_end_to_end_with_provenance_and_floor(tiny_run, cache, folder_datase
     assert floor["compared"] == test_name
     assert floor["splits"][train_name]["fid"] == pytest.approx(frechet_distance(real, real_test), rel=1e-6)
     assert f"floor, {test_name} vs {train_name}: FID {floor['splits'][train_name]['fid']:.3f}" in printed
+    # 10 generated, 43 train and 5 test images in 128 dimensions: too few for a FID, which is said.
+    assert "ddpm: warning: generated: 10 images in a 128-dimensional feature space, whose covariance has rank at most 9" in printed
+    assert f"ddpm: warning: {train_name}: 43 images" in printed and f"ddpm: warning: {test_name}: 5 images" in printed
+    assert len(result["warnings"]) == 3
+
+
+def test_a_second_fid_with_other_settings_and_the_default_out_runs_and_the_first_still_resumes(
+    tiny_run, cache, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("DDPMKIT_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)  # the default --out: fid.json here
+    assert main(["fid", str(tiny_run), *FID_ARGS]) == 0
+    first = json.loads((tmp_path / "fid.json").read_text())
+    other = [*FID_ARGS]
+    other[other.index("ddim")] = "dpm-solver++"
+    assert main(["fid", str(tiny_run), *other, "--num", "12"]) == 0  # another sampler and --num: a folder of its own
+    second = json.loads((tmp_path / "fid.json").read_text())
+    assert (second["settings"]["sampler"], second["num_generated"]) == ("dpm-solver++", 12)
+    assert len(list((tmp_path / "fid-work" / "generated-features").iterdir())) == 2
+    calls = []
+    monkeypatch.setattr(samplers, "sample", lambda *args, **kwargs: calls.append(1))
+    assert main(["fid", str(tiny_run), *FID_ARGS]) == 0  # the first settings again: every batch is reused
+    assert calls == [] and json.loads((tmp_path / "fid.json").read_text())["splits"] == first["splits"]
+    capsys.readouterr()
 
 
 def test_interrupted_fid_resumes_without_resampling_finished_batches(tiny_run, cache, tmp_path, monkeypatch, capsys):
@@ -171,9 +200,15 @@ def test_per_epoch_fid_tensorboard_and_fid_curve(cache, folder_dataset, tmp_path
     argv = ["train", "--dataset", _dataset(folder_dataset), "--out", str(run_dir), *TINY_TRAIN, "--epochs", "2",
             "--fid-batches", "1", "--tensorboard"]
     assert main(argv) == 0
-    assert "per-epoch FID off" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "per-epoch FID off" not in out
+    assert out.count("ddpm: warning: per-epoch FID: 8 images in a 128-dimensional feature space") == 1  # 1 batch of 8
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if "val_loss" in r]
+    for number, record in enumerate(epochs, 1):  # one line per epoch, with what metrics.jsonl holds
+        assert (f"ddpm: epoch {number}: step {record['step']}, validation loss {record['val_loss']:.4f}, FID {record['fid']:.2f}, "
+                f"preview {run_dir / record['samples']}") in out
+    assert "ddpm: finished at step 10 in " in out and f"validation loss {epochs[-1]['val_loss']:.4f}, FID {epochs[-1]['fid']:.2f}" in out
     assert [r["step"] for r in epochs] == [5, 10]  # 43 images // 8 = 5 steps per epoch
     assert all(math.isfinite(r["fid"]) and r["fid"] >= 0 for r in epochs)
     # Oracle: the last epoch's FID recomputed from the final checkpoint's EMA weights.
@@ -198,7 +233,7 @@ def test_per_epoch_fid_tensorboard_and_fid_curve(cache, folder_dataset, tmp_path
 
 def test_per_epoch_fid_is_off_with_one_notice_without_a_classifier(folder_dataset, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DDPMKIT_CACHE", str(tmp_path / "empty"))
-    train(tiny_config(folder_dataset, fid_batches=5, sample_every_epoch=0), tmp_path / "run", progress=False)
+    train(tiny_config(folder_dataset, fid_batches=5, preview_images=0), tmp_path / "run", progress=False)
     out = capsys.readouterr().out
     assert out.count("per-epoch FID off: no classifier for") == 1
     assert f"ddpm train-classifier --dataset {_dataset(folder_dataset)}" in out

@@ -14,12 +14,15 @@ import torch
 from PIL import Image
 from test_cli import TINY
 
+from ddpmkit import figures
 from ddpmkit.checkpoint import load_trained_model
 from ddpmkit.classifier import classifier_cache_dir, classifier_dir_name, load_classifier, save_classifier, train_classifier
 from ddpmkit.cli import main
 from ddpmkit.data import load_dataset
 from ddpmkit.images import to_model_range
-from ddpmkit.samplers import sample_batches
+from ddpmkit.io import file_sha256
+from ddpmkit.rng import seeded_generator
+from ddpmkit.samplers import sample, sample_batches
 from ddpmkit.schedules import make_schedule
 
 SAMPLING = ["--sampler", "ddim", "--steps", "5", "--seed", "2", "--batch-size", "4"]
@@ -127,6 +130,47 @@ def test_per_class_grid_has_one_row_per_class(classes, expected, conditional_run
     assert Image.open(tmp_path / "grid.png").size == (2 * (3 * 10 + 2), 2 * (2 * 10 + 2))
 
 
+def test_a_grid_of_many_samples_per_class_shows_every_class_and_says_how_many(conditional_run, tmp_path, capsys):
+    out = tmp_path / "many.png"
+    assert main(["sample", str(conditional_run), "--out", str(out), "--class", "all", "--per-class", "150", "--steps", "1",
+                 "--batch-size", "300"]) == 0
+    # Every class, one row each, 16 of its 150 images: 16 tiles across, 2 rows down.
+    assert Image.open(out).size == (2 * (16 * 10 + 2), 2 * (2 * 10 + 2))
+    assert (f"ddpm: grid {out}: one row per class, the first 16 images of each (32 of 300; all are in the .npz)"
+            in capsys.readouterr().out)
+    assert np.load(tmp_path / "many.npz")["labels"].tolist() == [0] * 150 + [1] * 150
+
+
+def test_guided_samples_record_the_classifier_and_its_hash(unconditional_run, classifiers, tmp_path):
+    arrays = _sample(unconditional_run, tmp_path / "g.png", "--num", "2", "--class", "1", "--classifier-guidance", "2")
+    assert str(arrays["classifier"]) == str(classifiers[True].resolve())
+    assert str(arrays["classifier_sha256"]) == file_sha256(classifiers[True] / "model.safetensors")
+    assert arrays["classes"].tolist() == [1] and float(arrays["classifier_guidance"]) == 2.0
+    assert json.loads(Image.open(tmp_path / "g.png").text["ddpmkit"])["classifier_sha256"] == str(arrays["classifier_sha256"])
+
+
+def test_reverse_figure_of_a_class_ends_with_the_finished_sample(conditional_run, tmp_path, monkeypatch, capsys):
+    drawn = {}
+    real_save_strips = figures.save_strips
+
+    def spy(frames, columns, rows, title, path, **kwargs):
+        drawn.update(frames=frames, columns=columns, rows=rows)
+        return real_save_strips(frames, columns, rows, title, path, **kwargs)
+
+    monkeypatch.setattr(figures, "save_strips", spy)
+    out = tmp_path / "reverse.png"
+    assert main(["figures", "reverse", str(conditional_run), "--class", "1,0", "--num-images", "2", "--frames", "2",
+                 "--sampler", "ddim", "--steps", "4", "--seed", "3", "--device", "cpu", "--out", str(out)]) == 0
+    assert drawn["columns"][-1] == "x_0 (sample)" and len(drawn["columns"]) == 3
+    assert drawn["rows"] == ["x_t, class 1", "predicted x0", "x_t, class 0", "predicted x0"]
+    trained = load_trained_model(conditional_run)
+    expected = sample(trained.model, trained.schedule, (2, 1, 8, 8), sampler="ddim", steps=4, generator=seeded_generator(3),
+                      labels=torch.tensor([1, 0]))
+    assert torch.equal(drawn["frames"][::2, -1], expected) and torch.equal(drawn["frames"][1::2, -1], expected)
+    assert json.loads(Image.open(out).text["ddpmkit"])["labels"] == [1, 0]
+    capsys.readouterr()
+
+
 def test_class_without_per_class_fills_num_in_blocks(conditional_run, tmp_path):
     arrays = _sample(conditional_run, tmp_path / "blocks.png", "--class", "1,0", "--num", "5")
     assert arrays["labels"].tolist() == [1, 1, 1, 0, 0]
@@ -162,14 +206,19 @@ def test_guidance_sweep_end_to_end(conditional_run, classifiers, tmp_path, capsy
     argv = ["guidance-sweep", str(conditional_run), "--kind", "classifier-free", "--scales", "0,2", "--per-class", "4",
             "--sampler", "ddim", "--steps", "5", "--batch-size", "4", "--out", str(out)]
     assert main(argv) == 0
-    table = capsys.readouterr().out
-    assert table.splitlines()[0].split() == ["scale", "accuracy", "FID", "precision", "recall"]
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith(f"ddpm: classifier-free guidance sweep of {conditional_run} over scales 0, 2")  # before the work
+    table = [line for line in printed if not line.startswith("ddpm: ")]
+    assert table[0].split() == ["scale", "accuracy", "FID", "precision", "recall"] and len(table) == 3
     written = json.loads((out / "guidance-sweep.json").read_text())
     results, settings = written["results"], written["settings"]
     assert [row["scale"] for row in results] == [0.0, 2.0] and all(row["num"] == 8 for row in results)
     assert all(set(row) == {"scale", "accuracy", "fid", "precision", "recall", "num"} for row in results)
     assert settings["classes"] == [0, 1] and settings["kind"] == "classifier-free" and settings["steps"] == 5
     assert (out / "guidance-sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert settings["checkpoint_sha256"] == file_sha256(load_trained_model(conditional_run).path) and settings["spacing"] == "trailing"
+    grid = Image.open(out / "guidance-samples.png")  # one row of samples per scale, with the settings in its text chunk
+    assert json.loads(grid.text["ddpmkit"]) == {key: value for key, value in settings.items() if key != "warnings"}
     # The w = 0 row judges the very samples `ddpm sample` makes with the same seed and batches.
     arrays = np.load(_sample_for_sweep(conditional_run, tmp_path).with_suffix(".npz"))
     judge, _ = load_classifier(classifiers[False])
@@ -179,7 +228,8 @@ def test_guidance_sweep_end_to_end(conditional_run, classifiers, tmp_path, capsy
 
     assert main([*argv[:3], "classifier", *argv[4:], "--out", str(tmp_path / "cg")]) == 0
     classifier_settings = json.loads((tmp_path / "cg" / "guidance-sweep.json").read_text())["settings"]
-    assert classifier_settings["guide_classifier"] == str(classifiers[True])
+    assert classifier_settings["guide_classifier"] == str(classifiers[True].resolve())
+    assert classifier_settings["guide_classifier_sha256"] == file_sha256(classifiers[True] / "model.safetensors")
 
 
 def _sample_for_sweep(run, tmp_path):

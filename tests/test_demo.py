@@ -26,7 +26,7 @@ def test_demo_trains_samples_and_continues_when_run_again(tmp_path, capsys):
     image = np.asarray(Image.open(grid))
     assert image.shape[0] == image.shape[1] > 8 * 28  # 8 x 8 digits, scaled
     assert load_checkpoint(latest_checkpoint(run)).state["step"] == 2
-    assert f"sample grid:   {grid}" in capsys.readouterr().out
+    assert f"sample grid {grid}" in capsys.readouterr().out
 
     demo.run_demo(run, max_steps=3)  # a second `make demo` continues instead of refusing
     assert load_checkpoint(latest_checkpoint(run)).state["step"] == 3

@@ -36,7 +36,7 @@ def _cli_argv(data: Path, run: Path) -> list[str]:
     return [
         "train", "--out", str(run), "--no-progress", "--dataset", config.dataset, "--image-size", "8", "--channels", "1",
         "--num-steps", str(config.num_steps), "--base-channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1",
-        "--lr", str(config.lr), "--log-every", "1", "--checkpoint-every", "3", "--sample-every-epoch", "4",
+        "--lr", str(config.lr), "--log-every", "1", "--checkpoint-every", "3", "--preview-images", "4",
         "--preview-steps", "5", "--fid-batches", "0", "--device", "cpu", *DISTRIBUTED_FLAGS,
     ]
 

@@ -250,7 +250,8 @@ def test_compute_fid_resumes_where_it_stopped(tmp_path):
     work = tmp_path / "work"
     with pytest.raises(KeyboardInterrupt):
         compute_fid(batch_generator([], stop_after=2), 50, extractor, references, settings=settings, work_dir=work, cache_dir=tmp_path)
-    assert sorted(p.name for p in (work / "generated-features").glob("batch-*.npy")) == ["batch-000000.npy", "batch-000001.npy"]
+    [store] = (work / "generated-features").iterdir()  # a folder named by the settings
+    assert sorted(p.name for p in store.glob("batch-*.npy")) == ["batch-000000.npy", "batch-000001.npy"]
     calls: list[int] = []
     resumed = compute_fid(batch_generator(calls), 50, extractor, references, settings=settings, work_dir=work, cache_dir=tmp_path)
     assert calls == [2]  # batches 0 and 1 were not generated again
@@ -260,8 +261,15 @@ def test_compute_fid_resumes_where_it_stopped(tmp_path):
     assert compute_fid(batch_generator(finished), 50, extractor, references, settings=settings, work_dir=work, cache_dir=tmp_path) == uninterrupted
     assert finished == []  # everything was done: no generation at all
 
+    # Other settings (another seed, or --num) get a folder of their own; the first one stays.
+    other: list[int] = []
+    compute_fid(batch_generator(other), 50, extractor, references, settings={**settings, "seed": 4}, work_dir=work, cache_dir=tmp_path)
+    compute_fid(batch_generator(other), 40, extractor, references, settings=settings, work_dir=work, cache_dir=tmp_path)
+    assert other == [0, 0] and len(list((work / "generated-features").iterdir())) == 3
+    # A settings file that does not match its folder (damaged, or copied by hand) is refused, not trusted.
+    (store / "settings.json").write_text("{}")
     with pytest.raises(ConfigError, match="other settings"):
-        compute_fid(batch_generator([]), 50, extractor, references, settings={**settings, "seed": 4}, work_dir=work, cache_dir=tmp_path)
+        compute_fid(batch_generator([]), 50, extractor, references, settings=settings, work_dir=work, cache_dir=tmp_path)
 
 
 def test_compute_fid_refuses_a_short_generator(tmp_path):

@@ -8,9 +8,11 @@ from PIL import Image
 from ddpmkit import ConfigError
 from ddpmkit.cli import main
 from ddpmkit.figures import (
+    across_classes,
     evenly_spaced,
     forward_process_figure,
     forward_process_frames,
+    plot_metrics,
     reverse_process_frames,
 )
 from ddpmkit.rng import seeded_generator
@@ -108,3 +110,27 @@ def test_figures_commands_end_to_end(folder_dataset, tiny_run, tmp_path, capsys)
     assert main(["figures", "forward", "--dataset", f"folder:{folder_dataset}", "--schedule", "linear,quadratic",
                  "--num-steps", "50", "--out", str(out)]) == 2
     assert "unknown schedule 'quadratic'" in capsys.readouterr().err
+
+
+def test_across_classes_shows_every_class_before_any_twice():
+    labels = torch.tensor([1, 1, 0, 2, 0, 1])
+    assert across_classes(labels, 4) == [2, 0, 3, 4]  # the first 0, 1 and 2, then the second 0
+    assert across_classes(labels, 12) == [2, 0, 3, 4, 1, 5]  # all there are
+
+
+def test_a_run_with_one_logged_point_draws_that_point(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "epoch": 0, "train_loss": 0.5}\n')
+    markers = []
+    real_plot = matplotlib.axes.Axes.plot
+
+    def recording_plot(self, *args, **kwargs):
+        markers.append(kwargs.get("marker"))
+        return real_plot(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recording_plot)
+    plot_metrics(run)
+    assert markers == ["o"]  # a line of one point is invisible without a marker

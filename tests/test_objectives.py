@@ -66,7 +66,7 @@ def test_the_draw_is_uniform_indices_then_gaussian_noise_from_one_generator():
 def test_training_logs_ddpm_loss_of_its_first_step(folder_dataset, tmp_path):
     """The first logged loss is ddpm_loss of the initial model on the first batch, rebuilt
     from the seeded streams: this pins what training draws and what it minimises."""
-    config = tiny_config(folder_dataset, max_steps=1, sample_every_epoch=0, cpu_workers=1)
+    config = tiny_config(folder_dataset, max_steps=1, preview_images=0, cpu_workers=1)
     train(config, tmp_path / "run", progress=False)
     logged = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["train_loss"]
 

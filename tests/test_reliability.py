@@ -75,7 +75,7 @@ def _snapshot(run: Path) -> dict[str, bytes]:
 def trained_run(folder_dataset, tmp_path_factory):
     """A finished 4-step run (checkpoints at steps 2 and 4) that tests copy before harming."""
     run = tmp_path_factory.mktemp("trained") / "run"
-    train(tiny_config(folder_dataset, max_steps=4, checkpoint_every=2, sample_every_epoch=0), run, progress=False)
+    train(tiny_config(folder_dataset, max_steps=4, checkpoint_every=2, preview_images=0), run, progress=False)
     return run
 
 
@@ -124,11 +124,13 @@ def test_a_signal_stops_cleanly_with_a_checkpoint_and_says_how_to_resume(signum,
     _wait_for_checkpoint(process, run, 2)
     process.send_signal(signum)
     out, err = process.communicate(timeout=180)
-    assert process.returncode == 0, err
+    # 128 + the signal, as a shell reports a process ended by it: `ddpm train && ddpm fid` stops here.
+    assert process.returncode == 128 + signum, err
     stopped = load_checkpoint(latest_checkpoint(run)).state["step"]  # a checkpoint of the step it stopped at
-    assert f"ddpmkit: stopped at step {stopped} ({signal.Signals(signum).name})" in out
-    assert f"ddpmkit: resume with: ddpm train --out {run} --resume" in out
-    assert "Traceback" not in err
+    name = signal.Signals(signum).name
+    assert f"ddpm: stopped at step {stopped} ({name}); checkpoint {step_checkpoint_path(run, stopped)}" in out
+    assert err.splitlines()[-1] == f"ddpm: training stopped at step {stopped} ({name}); resume with: ddpm train --out {run} --resume"
+    assert (out + err).count("resume with") == 1 and "Traceback" not in err
 
 
 class _Exploit:
@@ -167,6 +169,43 @@ def test_resuming_into_a_mismatched_model_names_the_shapes(run_copy, capsys):
     assert main(["train", "--out", str(run_copy), "--resume", "--no-progress"]) == 2
     line = _one_error_line(capsys)
     assert "does not match the model: shape: " in line and "(8,) vs model (16,)" in line
+
+
+def test_a_truncated_checkpoint_says_so_and_names_the_newest_intact_one(run_copy, capsys):
+    latest, older = step_checkpoint_path(run_copy, 4), step_checkpoint_path(run_copy, 2)
+    latest.write_bytes(latest.read_bytes()[:5000])  # a copy cut short
+    before = _snapshot(run_copy)
+    for argv in (["train", "--out", str(run_copy), "--resume", "--max-steps", "6"], ["sample", str(run_copy)]):
+        assert main(argv) == 2
+        line = _one_error_line(capsys)
+        assert f"{latest} is truncated or damaged" in line
+        assert line.endswith(f"the newest intact checkpoint of the run is {older}: delete {latest.name} to use that one")
+    assert _snapshot(run_copy) == before
+    older.write_bytes(b"\x00" * 10)
+    assert main(["sample", str(run_copy)]) == 2
+    assert _one_error_line(capsys).endswith("the run has no older intact checkpoint")
+
+
+def test_resuming_with_max_steps_below_the_current_step_is_refused(run_copy, capsys):
+    before = _snapshot(run_copy)
+    assert main(["train", "--out", str(run_copy), "--resume", "--max-steps", "2", "--no-progress"]) == 2
+    assert _one_error_line(capsys) == (f"ddpm: error: {run_copy} is at step 4, past the 2 steps that epochs 2 and max_steps 2 "
+                                       "allow: nothing to train; resume with a larger --max-steps or --epochs")
+    assert _snapshot(run_copy) == before  # config.json still says max_steps 4
+    assert main(["train", "--out", str(run_copy), "--resume", "--no-progress"]) == 0  # at its end: nothing to do, no error
+
+
+def test_checkpoints_and_classifiers_are_written_with_the_usual_file_mode(run_copy, tmp_path):
+    from ddpmkit.classifier import Classifier, save_classifier
+
+    mask = os.umask(0o022)
+    try:
+        train(load_trained_model(run_copy).config.replace(max_steps=5), run_copy, resume=True, progress=False)
+        directory = save_classifier(Classifier(1, 8, num_classes=2, width=8), {}, tmp_path / "classifier")
+    finally:
+        os.umask(mask)
+    files = [step_checkpoint_path(run_copy, 5), run_copy / "config.json", *directory.iterdir()]
+    assert {path.name: oct(path.stat().st_mode & 0o777) for path in files} == {path.name: "0o644" for path in files}
 
 
 # --- 2. numbers ------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """``ddpm report``: the poster's table, the run sections, and the page checked in a real browser.
 
 The runs folder is built from a tiny real training run (its per-epoch grid, curves, a reverse
-strip), a forward-process figure, and an ablation.json whose FID numbers are MADE UP (test
-fixture values, see FIXTURE_FIDS): only their placement in the table is under test.
+strip), a forward-process figure, and an ablation.json, a ddpm fid result and a guidance sweep
+whose numbers are MADE UP (test fixture values, see FIXTURE_FIDS): only their placement in the
+tables is under test.
 """
 
 import html
@@ -21,7 +22,7 @@ from ddpmkit.ablation import Combination
 from ddpmkit.checkpoint import load_trained_model
 from ddpmkit.cli import main
 from ddpmkit.figures import forward_process_figure, plot_metrics, reverse_process_figure
-from ddpmkit.report import collect_report, poster_table
+from ddpmkit.report import RunSummary, collect_report, poster_table, render_html, runs_table, write_report
 from ddpmkit.schedules import make_schedule
 from ddpmkit.training import train
 
@@ -64,6 +65,17 @@ def runs_dir(folder_dataset, tmp_path_factory):
     table = {"note": "test fixture: made-up numbers", "dataset": config.dataset, "num_fid": 6,
              "sampling": {"sampler": "ddim", "steps": 5}, "rows": rows}
     (root / "ablation" / "ablation.json").write_text(json.dumps(table))
+    # A ddpm fid result of the run, kept outside it: the report finds its run by the checkpoint it names.
+    score = {"precision": 0.5, "recall": 0.25}
+    fid_result = {"note": "test fixture: made-up numbers", "num_generated": 6,
+                  "splits": {f"{config.dataset}/train": {"fid": 2.5, **score}, f"{config.dataset}/test": {"fid": 3.25, **score}},
+                  "settings": {"checkpoint": str(trained.path.resolve()), "weights": "EMA", "sampler": "ddim", "steps": 5}}
+    (root / "fid-ddim.json").write_text(json.dumps(fid_result))
+    sweep = {"settings": {"kind": "classifier-free", "checkpoint": str(trained.path.resolve()), "per_class": 4, "classes": [0, 1],
+                          "sampler": "ddim", "steps": 5, "reference": "shapes/test"},
+             "results": [{"scale": 0.0, "accuracy": 0.5, "fid": 7.0, "precision": 0.5, "recall": 0.75, "num": 8}]}
+    (run / "guidance-classifier-free").mkdir()
+    (run / "guidance-classifier-free" / "guidance-sweep.json").write_text(json.dumps(sweep))
     return root
 
 
@@ -78,6 +90,33 @@ def test_poster_table_layout(runs_dir):
     assert run.provenance["FID extractor"] == "classifier:test-fixture"  # its ablation row, matched by name
     assert sorted(f.path.name for f in run.figures) == ["curves.png", "epoch-000.png", "reverse-ddim-5.png"]
     assert sorted(f.path.name for f in report.figures) == ["alpha-bars.png", "forward-cosine.png", "forward-linear.png"]
+    assert [path.name for path, _ in run.fid_results] == ["fid-ddim.json"] and len(report.sweeps) == 1
+    captions = {figure.path.name: figure.caption.rsplit(" (", 1)[0] for figure in run.figures}
+    # One epoch ran, and its grid is epoch-000.png; no FID was logged, so the curves are of the loss.
+    assert captions["epoch-000.png"] == "samples after epoch 1 (preview sampler)" and captions["curves.png"] == "loss curves"
+    assert run.provenance["epochs finished"] == 1
+
+
+def test_the_page_leads_with_a_table_of_the_runs_and_their_results(runs_dir):
+    report = collect_report(runs_dir)
+    header, row = runs_table(report)
+    assert header == ["run", "step", "train loss", "val loss", "ablation train FID", "ablation test FID", "ddpm fid"]
+    [run] = report.runs
+    assert row[:2] == ["ablation/linear-attn", "5"] and row[3] == f"{run.last['val_loss']:.4f}"
+    assert row[4:] == ["12.50", "14.25", "train 2.50, test 3.25 (ddim, 5 steps, 6 samples)"]
+    page = render_html(report)
+    assert page.index('<table class="runs">') < page.index('<table class="ablation">') < page.index('<table class="fid">')
+    assert page.index('<table class="sweep">') < page.index("<h2>Run ablation/linear-attn</h2>") < page.index("<details>")
+    assert page.count('onclick="this.classList.toggle(') == 6  # every figure opens at full size
+    # Two runs: the settings they differ in become columns, the shared ones stay folded.
+    other = RunSummary(runs_dir / "other", {**run.config, "lr": 0.5}, {"step": 7})
+    report.runs.append(other)
+    assert runs_table(report)[0][-1] == "lr" and runs_table(report)[2][-1] == "0.5"
+
+
+def test_a_report_of_one_run_folder_is_headed_by_its_name(runs_dir, tmp_path):
+    html_path, _ = write_report(runs_dir / "ablation" / "linear-attn", tmp_path)
+    assert "<h2>Run linear-attn</h2>" in html_path.read_text()
 
 
 def test_report_command_writes_html_and_markdown(runs_dir, tmp_path, capsys):
@@ -103,9 +142,12 @@ window.addEventListener("load", () => {
   const images = Array.from(document.images).map(image => ({complete: image.complete, width: image.naturalWidth}));
   const tables = Array.from(document.querySelectorAll("table.ablation"))
     .map(table => Array.from(table.rows).map(row => Array.from(row.cells).map(cell => cell.textContent)));
+  const first = document.images[0];
+  first.click();
+  const zoomed = first.classList.contains("full") && getComputedStyle(first).maxWidth === "none";
   const out = document.createElement("pre");
   out.id = "browser-check";
-  out.textContent = JSON.stringify({images, tables});
+  out.textContent = JSON.stringify({images, tables, zoomed});
   document.body.appendChild(out);
 });
 </script>
@@ -134,7 +176,7 @@ def test_the_page_in_a_real_browser(runs_dir, tmp_path):
     seen = json.loads(html.unescape(found.group(1)))
     assert len(seen["images"]) == page.count("<img ") == 6
     assert all(image["complete"] and image["width"] > 0 for image in seen["images"]), seen["images"]
-    assert seen["tables"] == [EXPECTED_TABLE]
+    assert seen["tables"] == [EXPECTED_TABLE] and seen["zoomed"]
 
     screenshot = tmp_path / "report.png"
     _chromium("--hide-scrollbars", f"--screenshot={screenshot}", "--window-size=1200,2000", (out / "report.html").as_uri(),

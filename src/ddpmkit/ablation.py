@@ -23,9 +23,9 @@ from .checkpoint import latest_checkpoint, load_checkpoint, load_trained_model
 from .choices import ATTENTION_SWITCHES, SCHEDULE_NAMES, AttentionSwitch, ScheduleName
 from .config import TrainConfig
 from .data import load_dataset
-from .errors import ConfigError, DdpmError
+from .errors import ConfigError, DdpmError, Interrupted
 from .fid import FeatureExtractor, fid_settings, load_extractor, model_fid, reference_features, settings_digest
-from .io import write_json
+from .io import say, write_json
 from .training import resolve_resume_config, train
 from .validation import check_choice
 
@@ -84,14 +84,14 @@ def train_combination(config: TrainConfig, run_dir: Path, *, progress: bool = Tr
     if checkpoint is not None:
         config = resolve_resume_config(run_dir, config.to_dict())
         if is_finished(load_checkpoint(checkpoint).state, config):
-            print(f"ddpmkit: {run_dir} is finished; not training it again")
+            say(f"{run_dir} is finished; not training it again")
             return
     started = time.perf_counter()
     summary = train(config, run_dir, resume=checkpoint is not None, progress=progress)
     seconds = train_seconds(run_dir) + time.perf_counter() - started
     write_json(run_dir / TRAIN_TIME_FILE, {"train_seconds": round(seconds, 1)}, what="training time")
     if summary.interrupted:
-        raise DdpmError(f"training of {run_dir} was interrupted at step {summary.step}; run the same command again to resume it")
+        raise Interrupted(f"training of {run_dir} was interrupted at step {summary.step}", summary.stop_signal)
 
 
 def train_seconds(run_dir: Path) -> float:
@@ -157,7 +157,7 @@ def run_ablation(
         )
         rows.append(_row(cell, run_dir, result, {split: reference.name for split, reference in references.items()}, time.perf_counter() - started))
         write_ablation(out_dir / ABLATION_FILE, rows, dataset=base.dataset, num_fid=num_fid, sampling=sampling)
-        print(f"ddpmkit: {cell.name}: train FID {rows[-1]['train_fid']:.3f}, test FID {rows[-1]['test_fid']:.3f}")
+        say(f"{cell.name}: train FID {rows[-1]['train_fid']:.3f}, test FID {rows[-1]['test_fid']:.3f}")
     return rows
 
 

@@ -136,7 +136,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable ddpmkit checkpoint ({exc})") from None
+        raise CheckpointError(f"{path} is truncated or damaged, not a readable ddpmkit checkpoint ({exc}){_intact_hint(path)}") from None
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a ddpmkit checkpoint (format {metadata.get('format')!r})")
     try:
@@ -161,6 +161,19 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         version=metadata.get("ddpmkit_version", "unknown"),
         path=path,
     )
+
+
+def _intact_hint(damaged: Path) -> str:
+    """For a damaged step checkpoint of a run: which older one of the run is intact, to fall back on."""
+    if not _STEP_FILE.match(damaged.name):
+        return ""
+    for older in reversed([p for p in step_checkpoints(damaged.parent.parent) if p.name < damaged.name]):
+        try:
+            load_file(str(older))
+        except (SafetensorError, OSError, ValueError):
+            continue
+        return f"; the newest intact checkpoint of the run is {older}: delete {damaged.name} to use that one"
+    return "; the run has no older intact checkpoint"
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int) -> None:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import __version__
 from .choices import DEFAULT_CLASSIFIER_EPOCHS, GUIDANCE_FORMS, GuidanceForm
@@ -36,7 +37,7 @@ from .data import FOLDER_PREFIX, ImageDataset, load_dataset
 from .errors import CheckpointError, ConfigError, DdpmError
 from .guidance import check_time_conditioning
 from .images import to_model_range
-from .io import cache_root, file_sha256, load_weights, safe_name
+from .io import cache_root, file_sha256, load_weights, safe_name, write_atomically, write_json
 from .objectives import draw_timesteps_and_noise
 from .rng import ClassifierStream, seeded_generator
 from .schedules import NoiseSchedule, linear_schedule
@@ -176,8 +177,10 @@ def train_classifier(
     noisy: bool = False,
     schedule: NoiseSchedule | None = None,
     device: str | torch.device = "cpu",
+    progress: bool = False,
 ) -> tuple[Classifier, dict[str, Any]]:
-    """Train a classifier on ``train`` (images scaled to [-1, 1]) and measure it on ``test``.
+    """Train a classifier on ``train`` (images scaled to [-1, 1]) and measure it on ``test``
+    (``progress``: a bar over the optimizer steps).
 
     Adam with a cosine learning-rate decay to 0 over the whole run (reaching the
     accuracy targets in a few epochs). ``noisy=True`` builds a time-conditioned
@@ -204,6 +207,7 @@ def train_classifier(
     noise_generator = seeded_generator(seed, ClassifierStream.NOISE)
     started = time.perf_counter()
     model.train()
+    bar = tqdm(total=epochs * steps_per_epoch, unit="step", desc="classifier", disable=not progress, dynamic_ncols=True)
     for epoch in range(epochs):
         order = torch.randperm(len(train), generator=seeded_generator(seed, ClassifierStream.ORDER, epoch))
         for batch_indices in order.split(batch_size):
@@ -219,6 +223,9 @@ def train_classifier(
             loss.backward()
             optimizer.step()
             lr_schedule.step()
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+    bar.close()
     train_seconds = time.perf_counter() - started
     model.eval()
     report: dict[str, Any] = {
@@ -337,22 +344,20 @@ def train_and_cache_classifier(
 # --- files ------------------------------------------------------------------------------------
 
 def save_classifier(model: Classifier, report: dict[str, Any], directory: str | Path) -> Path:
-    """Write ``model.safetensors`` and ``config.json`` (config, report, weights SHA-256) into directory."""
+    """Write ``model.safetensors`` and ``config.json`` (config, report, weights SHA-256) into
+    directory, each atomically (io.write_atomically)."""
     directory = Path(directory)
     weights = directory / WEIGHTS_FILE
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file({name: value.detach().cpu().contiguous() for name, value in model.state_dict().items()}, str(weights))
-        meta = {
-            "format": FORMAT,
-            "ddpmkit_version": __version__,
-            "config": asdict(model.config),
-            "report": report,
-            "weights_sha256": file_sha256(weights),
-        }
-        (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    except OSError as exc:
-        raise CheckpointError(f"could not write the classifier to {directory}: {exc.strerror or exc}") from None
+    state = {name: value.detach().cpu().contiguous() for name, value in model.state_dict().items()}
+    write_atomically(weights, lambda temporary: save_file(state, str(temporary)), what="classifier weights")
+    meta = {
+        "format": FORMAT,
+        "ddpmkit_version": __version__,
+        "config": asdict(model.config),
+        "report": report,
+        "weights_sha256": file_sha256(weights),
+    }
+    write_json(directory / META_FILE, meta, what="classifier config")
     return directory
 
 
@@ -411,3 +416,10 @@ def load_guiding_classifier(
     classifier, _ = load_classifier(directory, device=device)
     check_time_conditioning(classifier, form)
     return classifier, directory
+
+
+def classifier_provenance(path: str | Path, role: str = "classifier") -> dict[str, str]:
+    """What a result records of a classifier it used: ``{role: its directory (absolute),
+    role_sha256: its weights file's SHA-256}``."""
+    directory = Path(path).resolve()
+    return {role: str(directory), f"{role}_sha256": file_sha256(directory / WEIGHTS_FILE)}

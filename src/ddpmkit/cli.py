@@ -1,24 +1,40 @@
 """The ``ddpm`` command: thin glue over the Python API.
 
-Errors a user can cause (DdpmError) end with one line on stderr and exit status 2;
-anything else is a bug and keeps its traceback.
+Conventions of every command:
+
+* Messages are one line each, prefixed ``ddpm: `` (io.say); what a command is about to
+  do is said before it does it, and a long command ends with what it did, how long it
+  took, where the results are and the command to run next.
+* Errors a user can cause (DdpmError, and a bad argument) end with one line on stderr and
+  exit status 2; anything else is a bug and keeps its traceback.
+* SIGINT and SIGTERM stop a command with exit status 130 and 143 (128 + the signal),
+  after what was finished is saved, and one line says how to continue where one can.
+* Every output path is checked before any work (io.check_writable).
+* Every result file records the settings that made it (fid.fid_settings and the
+  guidance's), typed: in the .npz as scalars, in JSON, and in a PNG's text chunk.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shlex
+import signal
 import socket
 import subprocess
 import sys
+import time
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from .choices import DEVICES
-from .config import TrainConfig, field_names, load_toml, resolve_config
-from .errors import ConfigError, DdpmError
+from . import __version__
+from .choices import DEFAULT_SPACING, DEVICES
+from .config import RENAMED_KEYS, TrainConfig, field_names, load_toml, resolve_config
+from .errors import ConfigError, DdpmError, Interrupted
+from .io import check_writable, say
 from .validation import resolve_device
 
 _CPU_WORKERS_HELP = ("CPU: split each batch over this many threads, one core each (0: one per core, where it applies; "
@@ -35,24 +51,51 @@ _HELP = {
     "tensorboard": "also log metrics and sample grids to RUN/tensorboard (pip install 'ddpmkit[tensorboard]')",
     "compile": "torch.compile the model (Accelerate's inductor backend): opt-in, compiling first takes minutes",
     "cpu_workers": _CPU_WORKERS_HELP,
+    "preview_images": "images in the grid sampled after each epoch (RUN/samples/epoch-NNN.png; 0: none)",
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.handler(args)
     except DdpmError as exc:
         print(f"ddpm: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("ddpm: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # ^C, or Interrupted: a signal after which the work was saved
+        number = getattr(exc, "signal_number", signal.SIGINT)
+        what = str(exc) or "interrupted"
+        resume = args.resume_with(args, argv)
+        print(f"ddpm: {what} ({signal.Signals(number).name})" + (f"; resume with: {resume}" if resume else ""), file=sys.stderr)
+        return 128 + number
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM outside training (which checkpoints first): stop as ^C does, with its own exit status."""
+    raise Interrupted("terminated", signum)
+
+
+def _same_command(args: argparse.Namespace, argv: list[str]) -> str:
+    """The command line that continues an interrupted command which resumes by itself (fid, ablation, demo)."""
+    return shlex.join(["ddpm", *argv])
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line and a pointer to --help, not the usage block."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"ddpm: error: {message} (see: {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ddpm", description="Denoising diffusion models: train, sample, evaluate.")
+    parser = _Parser(prog="ddpm", description="Denoising diffusion models: train, sample, evaluate.")
+    parser.add_argument("--version", action="version", version=f"ddpm (ddpmkit) {__version__}")
+    parser.set_defaults(resume_with=lambda args, argv: None)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="train a model (Algorithm 1)", description="Train a noise-prediction UNet. Flags override --config.")
@@ -62,12 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num-processes", type=int, default=1, help="data-parallel processes (launched through Accelerate)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_config_flags(train)
-    train.set_defaults(handler=_cmd_train)
+    train.set_defaults(handler=_cmd_train, resume_with=lambda args, argv: f"ddpm train --out {shlex.quote(str(args.out))} --resume")
 
     sample = commands.add_parser("sample", help="sample images from a trained model", description="Sample a grid (PNG) and the samples (.npz).")
     sample.add_argument("run", type=Path, help="run directory (latest checkpoint) or a checkpoint file")
     sample.add_argument("--num", type=int, default=64, help="number of images (default 64)")
-    sample.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG grid path; the .npz goes beside it")
+    sample.add_argument("--out", type=Path, default=Path("samples.png"),
+                        help="PNG grid path (default samples.png); the .npz of all samples goes beside it")
     _add_model_run_flags(sample)
     _add_sampler_flags(sample)
     _add_guidance_flags(sample)
@@ -76,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="train a small model on mnist-5k and sample from it (a few minutes on a CPU)")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default runs/demo)")
     demo.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: the demo's setting)")
-    demo.set_defaults(handler=_cmd_demo)
+    demo.set_defaults(handler=_cmd_demo, resume_with=_same_command)
 
     plot = commands.add_parser("plot", help="draw loss and FID curves of a run (PNG)")
     plot.add_argument("run", type=Path)
@@ -93,23 +137,33 @@ def build_parser() -> argparse.ArgumentParser:
 # --- train ------------------------------------------------------------------------------
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (--batch-size for batch_size), default None = unset."""
+    """One flag per TrainConfig field (--batch-size for batch_size), default None = unset;
+    a renamed field's old flag (config.RENAMED_KEYS) still works, unlisted."""
     hints = typing.get_type_hints(TrainConfig)
     defaults = TrainConfig()
     for name in field_names():
         annotation = hints[name]
-        flag = _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        flags = [_flag(name)] + [_flag(old) for old, new in RENAMED_KEYS.items() if new == name]
         help_text = f"{_HELP.get(name, '')} (default: {getattr(defaults, name)!r})".strip()
         if annotation is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(flags[0], dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
-        choices = _literal_choices(annotation)
-        parser.add_argument(flag, dest=name, type=_parser_for(annotation), choices=choices, default=None, help=help_text)
+        kind = dict(dest=name, type=_parser_for(annotation), choices=_literal_choices(annotation), default=None)
+        parser.add_argument(flags[0], **kind, help=help_text)
+        for old in flags[1:]:
+            parser.add_argument(old, **kind, help=argparse.SUPPRESS)
+
+
+def _flag(name: str) -> str:
+    return _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
 
 
 def _literal_choices(annotation: Any) -> tuple[str, ...] | None:
-    inner = [a for a in get_args(annotation) if a is not type(None)] or [annotation]
-    return get_args(inner[0]) if get_origin(inner[0]) is Literal else None
+    """The values of a Literal annotation, also inside Optional; None for any other type."""
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    inner = [a for a in get_args(annotation) if a is not type(None)]
+    return get_args(inner[0]) if len(inner) == 1 and get_origin(inner[0]) is Literal else None
 
 
 def _parser_for(annotation: Any) -> Callable[[str], Any]:
@@ -149,7 +203,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         config = resolve_config(args.config, overrides)
     summary = train(config, args.out, resume=args.resume, progress=not args.no_progress)
-    return 0 if summary.step else 1
+    if summary.interrupted and not summary.main_process:  # the main process says how to resume
+        return 128 + summary.stop_signal
+    if summary.interrupted:
+        raise Interrupted(f"training stopped at step {summary.step}", summary.stop_signal)
+    if summary.main_process:
+        say(f"next: ddpm sample {shlex.quote(str(args.out))} --sampler dpm-solver++ --steps 20 "
+            f"--out {shlex.quote(str(args.out / 'samples.png'))}")
+    return 0
 
 
 def _relaunch_with_accelerate(num_processes: int) -> int:
@@ -199,8 +260,8 @@ def _free_port() -> int:
 
 def _add_model_run_flags(parser: argparse.ArgumentParser) -> None:
     """How a trained model is loaded and run: shared by sample and guidance-sweep."""
-    parser.add_argument("--batch-size", type=int, default=256, help="images per sampling batch")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=256, help="images per sampling batch (default 256)")
+    parser.add_argument("--seed", type=int, default=0, help="batch k is drawn from the stream (seed, k) (default 0)")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (default) or raw")
     parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--compile", action="store_true",
@@ -214,52 +275,95 @@ def _add_sampler_flags(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--sampler", default="ddpm", choices=SAMPLER_NAMES, help="default ddpm (ancestral, Algorithm 2)")
     parser.add_argument("--steps", type=int, default=None, help="model evaluations (default: all num_steps)")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale (0: deterministic)")
-    parser.add_argument("--variance", default="beta", choices=VARIANCE_NAMES, help="ancestral sigma_t^2: beta or posterior (beta-tilde)")
-    parser.add_argument("--spacing", default=None, choices=SPACING_NAMES, help="timestep spacing for fewer steps")
+    parser.add_argument("--eta", type=float, default=0.0, help="--sampler ddim only: its noise scale in [0, 1] (default 0: deterministic)")
+    parser.add_argument("--variance", default="beta", choices=VARIANCE_NAMES,
+                        help="--sampler ddpm only: sigma_t^2, beta (default) or posterior (beta-tilde)")
+    parser.add_argument("--spacing", default=DEFAULT_SPACING, choices=SPACING_NAMES,
+                        help=f"which steps fewer steps visit (default {DEFAULT_SPACING})")
     parser.add_argument("--no-clip", dest="clip_denoised", action="store_false", help="do not clip predicted x0 to [-1, 1]")
 
 
 def sampler_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kwargs = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, variance=args.variance, clip_denoised=args.clip_denoised)
-    if args.spacing:
-        kwargs["spacing"] = args.spacing
+    """The sampler flags as keywords of samplers.sample, checked and named by their flags:
+    eta only for ddim and the variance only for ddpm, the samplers that use them."""
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+    if not 0.0 <= args.eta <= 1.0:
+        raise ConfigError(f"--eta must be in [0, 1], got {args.eta}")
+    if args.eta and args.sampler != "ddim":
+        raise ConfigError(f"--eta is the noise of --sampler ddim; --sampler {args.sampler} has none to set")
+    if args.variance != "beta" and args.sampler != "ddpm":
+        raise ConfigError(f"--variance is the noise of --sampler ddpm (ancestral); --sampler {args.sampler} does not use it")
+    kwargs = dict(sampler=args.sampler, steps=args.steps, spacing=args.spacing, clip_denoised=args.clip_denoised)
+    if args.sampler == "ddim":
+        kwargs["eta"] = args.eta
+    if args.sampler == "ddpm":
+        kwargs["variance"] = args.variance
     return kwargs
+
+
+def _loaded(args: argparse.Namespace, device: str) -> Any:
+    """The model of RUN as the flags of _add_model_run_flags ask for it, said in one line;
+    --steps checked against its number of steps."""
+    from .checkpoint import load_trained_model
+
+    trained = load_trained_model(args.run, ema=args.ema, device=device, compile=args.compile, cpu_workers=args.cpu_workers)
+    if args.steps is not None and args.steps > trained.schedule.num_steps:
+        raise ConfigError(f"--steps must be at most the model's {trained.schedule.num_steps} steps, got {args.steps}")
+    return trained
+
+
+def _describe_sampling(trained: Any, kwargs: dict[str, Any], device: str) -> str:
+    """'RUN (step N, EMA weights), ddim, 50 steps, on cpu': what a command samples with."""
+    steps = kwargs["steps"] or trained.schedule.num_steps
+    return (f"{trained.path} (step {trained.step}, {'EMA' if trained.ema else 'raw'} weights), "
+            f"{kwargs['sampler']} sampler, {steps} steps, on {device}")
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
-    from tqdm.auto import tqdm
 
-    from .checkpoint import load_trained_model
-    from .images import save_image_grid, to_uint8
-    from .samplers import sample_batches
+    from .fid import fid_settings
+    from .images import grid_selection, save_image_grid, to_uint8
+    from .samplers import sample_batches, step_progress
 
     if args.num < 1 or args.batch_size < 1:
         raise ConfigError("--num and --batch-size must be >= 1")
     if args.out.suffix.lower() != ".png":
         raise ConfigError(f"--out must name a .png file, got {args.out}")
-    device = resolve_device(args.device)
-    trained = load_trained_model(args.run, ema=args.ema, device=device, compile=args.compile, cpu_workers=args.cpu_workers)
-    kwargs = sampler_kwargs(args)
-    guidance, guidance_record = _guidance_options(args, trained, device)
-    num = args.num if "labels" not in guidance else len(guidance["labels"])
-    batches = []
-    with tqdm(total=num, unit="img", desc="sampling") as bar:
-        for batch in sample_batches(trained.model, trained.schedule, num, args.batch_size, trained.image_shape, seed=args.seed, device=device, **kwargs, **guidance):
-            batches.append(batch.cpu())
-            bar.update(len(batch))
-    samples = torch.cat(batches)
-    grid = save_image_grid(samples[:256], args.out, nrow=args.per_class)  # --per-class: one row per class
     arrays = args.out.with_suffix(".npz")
-    np.savez_compressed(
-        arrays, images=to_uint8(samples).numpy(), samples=samples.numpy(),
-        checkpoint=str(trained.path), step=trained.step, ema=trained.ema, seed=args.seed, **{k: str(v) for k, v in kwargs.items()},
-        **guidance_record,
-    )
-    print(f"ddpm: {num} samples from {trained.path} (step {trained.step}, {'EMA' if trained.ema else 'raw'} weights)")
-    print(f"ddpm: grid {grid}\nddpm: samples {arrays}")
+    check_writable([args.out, arrays])
+    kwargs = sampler_kwargs(args)
+    device = resolve_device(args.device)
+    trained = _loaded(args, device)
+    guidance, guidance_record, described = _guidance_options(args, trained, device)
+    labels = guidance.get("labels")
+    num = args.num if labels is None else len(labels)
+    steps = kwargs["steps"] or trained.schedule.num_steps
+    num_batches = -(-num // args.batch_size)
+    say(f"sampling {num} images from {_describe_sampling(trained, kwargs, device)}{described}; "
+        f"{num_batches} batch(es) of at most {args.batch_size}")
+    started = time.perf_counter()
+    batches = []
+    with step_progress(num_batches, steps) as advance:
+        for batch in sample_batches(trained.model, trained.schedule, num, args.batch_size, trained.image_shape, seed=args.seed,
+                                    device=device, callback=advance, **kwargs, **guidance):
+            batches.append(batch.cpu())
+    samples = torch.cat(batches)
+    settings = {**fid_settings(trained, seed=args.seed, batch_size=args.batch_size, **kwargs), "num": num, "device": device,
+                **guidance_record}
+    shown, per_row = grid_selection(labels, num)
+    grid = save_image_grid(samples[shown], args.out, nrow=per_row, settings=settings)
+    extra = {} if labels is None else {"labels": labels.numpy()}
+    np.savez_compressed(arrays, images=to_uint8(samples).numpy(), samples=samples.numpy(), **extra,
+                        **{key: np.asarray(value) for key, value in settings.items()})
+    say(f"{num} samples in {time.perf_counter() - started:.0f} s: {arrays} (images uint8, samples in [-1, 1], the settings)")
+    if labels is not None:
+        say(f"grid {grid}: one row per class, the first {per_row} images of each" +
+            (f" ({len(shown)} of {num}; all are in the .npz)" if len(shown) < num else ""))
+    else:
+        say(f"grid {grid}" + (f": the first {len(shown)} of {num} images (all are in the .npz)" if len(shown) < num else ""))
     return 0
 
 
@@ -275,7 +379,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_plot(args: argparse.Namespace) -> int:
     from .figures import plot_metrics
 
-    print(f"ddpm: wrote {plot_metrics(args.run, args.out)}")
+    check_writable([args.out or args.run / "curves.png"])
+    say(f"wrote {plot_metrics(args.run, args.out)}")
     return 0
 
 
@@ -330,36 +435,47 @@ def _float_list(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def _guidance_options(args: argparse.Namespace, trained: Any, device: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def _guidance_options(args: argparse.Namespace, trained: Any, device: str) -> tuple[dict[str, Any], dict[str, Any], str]:
     """sample_batches keywords (labels, guidance_scale, classifier, ...) for ``ddpm sample``'s
-    guidance flags, and what the .npz records of them; both empty without --class."""
-    from .classifier import load_guiding_classifier
-    from .guidance import check_classifier_free, class_labels, num_guided_classes, resolve_classes
+    guidance flags, what the results record of them, and a phrase describing them; all
+    empty without --class."""
+    from .classifier import classifier_provenance, load_guiding_classifier
+    from .guidance import check_classifier_free, class_labels, is_conditional, num_guided_classes, resolve_classes
 
     if args.classes is None:
         if args.per_class is not None or args.guidance or args.classifier_guidance is not None:
             raise ConfigError("--per-class, --guidance and --classifier-guidance need --class: the classes to generate")
-        return {}, {}
+        return {}, {}, ""
     if args.classifier is not None and args.classifier_guidance is None:
         raise ConfigError("--classifier is the classifier of --classifier-guidance; give that too")
     if args.per_class is not None and args.per_class < 1:
         raise ConfigError("--per-class must be >= 1")
+    if not args.guidance >= 0:
+        raise ConfigError(f"--guidance must be >= 0 (0: plain conditional sampling), got {args.guidance}")
+    if args.classifier_guidance is not None and not 0 <= args.classifier_guidance < float("inf"):
+        raise ConfigError(f"--classifier-guidance must be finite and >= 0, got {args.classifier_guidance}")
     check_classifier_free(trained.model, args.guidance)
     options: dict[str, Any] = {"guidance_scale": args.guidance}
-    record: dict[str, Any] = {"guidance": args.guidance}
+    conditional = is_conditional(trained.model)
+    record: dict[str, Any] = {"guidance": args.guidance} if conditional else {}  # w is a conditional model's
     classifier = None
     if args.classifier_guidance is not None:
         classifier, path = load_guiding_classifier(trained.config.dataset, args.guidance_form, args.classifier, device=device)
         options.update(classifier=classifier, classifier_scale=args.classifier_guidance, guidance_form=args.guidance_form)
-        record.update(classifier_guidance=args.classifier_guidance, guidance_form=args.guidance_form, classifier=str(path))
+        record.update(classifier_guidance=args.classifier_guidance, guidance_form=args.guidance_form, **classifier_provenance(path))
     classes = resolve_classes(args.classes, num_guided_classes(trained.model, classifier))
     if args.per_class is not None:
         labels = class_labels(classes, args.per_class)
     else:  # --num images, one block per class (the last block may be shorter)
         labels = class_labels(classes, -(-args.num // len(classes)))[: args.num]
     options["labels"] = labels
-    record["labels"] = labels.numpy()
-    return options, record
+    record.update(classes=classes, **({"per_class": args.per_class} if args.per_class is not None else {}))
+    described = f"; class{'es' if len(classes) > 1 else ''} {', '.join(map(str, classes))}"
+    if conditional:
+        described += f", classifier-free w = {args.guidance:g}"
+    if classifier is not None:
+        described += f", classifier guidance lambda = {args.classifier_guidance:g} ({args.guidance_form}, {record['classifier']})"
+    return options, record, described
 
 
 def _add_guidance_sweep_command(commands: Any) -> None:
@@ -378,7 +494,10 @@ def _add_guidance_sweep_command(commands: Any) -> None:
     sweep.add_argument("--class", dest="classes", type=_class_list, default="all", metavar="CLASSES", help=_CLASS_HELP + " (default all)")
     sweep.add_argument("--per-class", type=int, default=20, metavar="N", help="images per class and scale (default 20)")
     sweep.add_argument("--features", default="classifier", choices=FEATURE_KINDS, help="FID feature space (default: the dataset's classifier)")
-    sweep.add_argument("--out", type=Path, default=None, help="output folder (default RUN/guidance-KIND)")
+    sweep.add_argument("--out", type=Path, default=None,
+                       help="output folder (default RUN/guidance-KIND): guidance-sweep.json, its plot guidance-sweep.png, "
+                            "and guidance-samples.png, one row of samples per scale")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_guiding_classifier_flags(sweep)
     _add_model_run_flags(sweep)
     _add_sampler_flags(sweep)
@@ -386,21 +505,30 @@ def _add_guidance_sweep_command(commands: Any) -> None:
 
 
 def _cmd_guidance_sweep(args: argparse.Namespace) -> int:
-    from .sweeps import format_sweep_table, sweep_run
+    from .sweeps import format_sweep_table, sweep_outputs, sweep_run
 
-    if args.batch_size < 1:
-        raise ConfigError("--batch-size must be >= 1")
+    if args.batch_size < 1 or args.per_class < 1:
+        raise ConfigError("--batch-size and --per-class must be >= 1")
     if args.classifier is not None and args.kind != "classifier":
         raise ConfigError("--classifier is the guiding classifier of --kind classifier")
+    if any(not 0 <= scale < float("inf") for scale in args.scales):
+        raise ConfigError(f"--scales must be finite and >= 0, got {','.join(f'{scale:g}' for scale in args.scales)}")
     out = args.out or (args.run if args.run.is_dir() else args.run.parent) / f"guidance-{args.kind}"
-    results, json_path, plot_path = sweep_run(
+    check_writable(sweep_outputs(out))
+    kwargs = sampler_kwargs(args)
+    say(f"{args.kind} guidance sweep of {args.run} over scales {', '.join(f'{scale:g}' for scale in args.scales)}: "
+        f"{args.per_class} images of each class ({args.sampler}, {args.steps or 'all'} steps) per scale")
+    started = time.perf_counter()
+    output = sweep_run(
         args.run, out, kind=args.kind, scales=args.scales, classes=args.classes, per_class=args.per_class,
         guide_classifier_path=args.classifier, guidance_form=args.guidance_form, features=args.features,
         ema=args.ema, seed=args.seed, batch_size=args.batch_size, device=resolve_device(args.device), compile=args.compile,
-        cpu_workers=args.cpu_workers, **sampler_kwargs(args),
+        cpu_workers=args.cpu_workers, progress=not args.no_progress, **kwargs,
     )
-    print(format_sweep_table(results))
-    print(f"ddpm: results {json_path}\nddpm: plot {plot_path}")
+    print(format_sweep_table(output.results))
+    for warning in output.warnings:
+        say(f"warning: {warning}")
+    say(f"done in {time.perf_counter() - started:.0f} s: table {output.table}, plot {output.plot}, samples {output.grid}")
     return 0
 
 
@@ -432,7 +560,8 @@ def _add_evaluation_commands(commands: Any) -> None:
         "fid", help="FID, precision and recall of a model's samples against its dataset's splits",
         description="Sample --num images (batched), extract features, compare them with each --against split; print the "
                     "result and write it with its provenance as JSON. Finished batches are kept in OUT-STEM-work/ beside "
-                    "--out: rerun with the same arguments, an interrupted evaluation resumes where it stopped.",
+                    "--out, in a folder of their settings: rerun with the same arguments, an interrupted evaluation "
+                    "resumes where it stopped; other settings (another sampler, --num, run) get folders of their own.",
     )
     fid.add_argument("run", type=Path, help="run directory (latest checkpoint) or a checkpoint file")
     fid.add_argument("--num", type=int, default=8192, help="generated images (default 8192, as the poster)")
@@ -446,7 +575,7 @@ def _add_evaluation_commands(commands: Any) -> None:
     fid.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_model_run_flags(fid)
     _add_sampler_flags(fid)
-    fid.set_defaults(handler=_cmd_fid)
+    fid.set_defaults(handler=_cmd_fid, resume_with=_same_command)
 
 
 def _split_list(text: str) -> tuple[str, ...]:
@@ -459,33 +588,51 @@ def _split_list(text: str) -> tuple[str, ...]:
 
 
 def _cmd_train_classifier(args: argparse.Namespace) -> int:
-    from .classifier import train_and_cache_classifier
+    from .classifier import META_FILE, WEIGHTS_FILE, classifier_cache_dir, classifier_dir_name, train_and_cache_classifier
     from .schedules import make_schedule
 
     if not args.noisy and (args.schedule or args.num_steps):
         raise ConfigError("--schedule and --num-steps describe the noise of a --noisy classifier; add --noisy or drop them")
+    if args.epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
     if args.out is not None and args.out.exists() and any(args.out.iterdir()):
         raise ConfigError(f"{args.out} already exists and is not empty; choose another --out")
+    directory = args.out or classifier_cache_dir() / classifier_dir_name(args.dataset, args.noisy)
+    check_writable([directory / WEIGHTS_FILE, directory / META_FILE], what="classifier")
     schedule = None
     if args.noisy:
         defaults = TrainConfig()
         schedule = make_schedule(args.schedule or defaults.schedule, defaults.num_steps if args.num_steps is None else args.num_steps)
+    kind = f"noisy classifier (x_t, t; {schedule.name} schedule, T = {schedule.num_steps})" if schedule else "classifier"
+    say(f"training the {kind} of {args.dataset} for {args.epochs} epoch(s) into {directory}")
+    if args.out is None and (directory / META_FILE).is_file():
+        say(f"it replaces the one there, {_classifier_summary(directory / META_FILE)}; results made with that one name its hash")
     directory, report = train_and_cache_classifier(
         args.dataset, noisy=args.noisy, data_dir=args.data_dir, image_size=args.image_size, channels=args.channels,
-        schedule=schedule, device=resolve_device(args.device), out=args.out, epochs=args.epochs,
+        schedule=schedule, device=resolve_device(args.device), out=args.out, epochs=args.epochs, progress=True,
     )
     noised = " noised at uniformly drawn steps" if args.noisy else ""
-    print(f"ddpm: test accuracy {report['test_accuracy']:.4f} on {report['test_images']} {report['dataset']} {report['test_split']} images{noised}")
+    say(f"test accuracy {report['test_accuracy']:.4f} on {report['test_images']} {report['dataset']} {report['test_split']} images{noised}")
     if args.noisy:
         by_index = ", ".join(f"t={index}: {value:.4f}" for index, value in report["accuracy_at_index"].items())
-        print(f"ddpm: accuracy at step index {by_index}")
-    print(f"ddpm: trained in {report['train_seconds']:.1f} s ({report['epochs']} epochs on {report['train_images']} images, {report['device']})")
-    print(f"ddpm: saved {directory}")
+        say(f"accuracy at step index {by_index}")
+    say(f"trained in {report['train_seconds']:.1f} s ({report['epochs']} epochs on {report['train_images']} images, {report['device']}); "
+        f"saved {directory} ({_classifier_summary(directory / META_FILE)})")
+    if args.out is None:
+        say("next: ddpm sample RUN --class 3 --classifier-guidance 1" if args.noisy else "next: ddpm fid RUN --sampler dpm-solver++ --steps 20")
     return 0
 
 
+def _classifier_summary(meta_file: Path) -> str:
+    """'SHA-256 1a2b3c4d5e6f..., test accuracy 0.977' of a saved classifier's config.json."""
+    try:
+        meta = json.loads(meta_file.read_text())
+        return f"SHA-256 {meta['weights_sha256'][:12]}..., test accuracy {meta['report']['test_accuracy']:.3f}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "damaged or unreadable"
+
+
 def _cmd_fid(args: argparse.Namespace) -> int:
-    from .checkpoint import load_trained_model
     from .fid import load_extractor, model_fid
     from .io import write_json
 
@@ -493,28 +640,34 @@ def _cmd_fid(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out must name a .json file, got {args.out}")
     if (args.features == "classifier" and args.inception_weights) or (args.features == "inception" and args.classifier):
         raise ConfigError("--classifier goes with --features classifier, --inception-weights with --features inception")
+    if args.num < 2 or args.batch_size < 1:
+        raise ConfigError(f"--num must be >= 2 and --batch-size >= 1, got {args.num} and {args.batch_size}")
+    work_dir = args.out.with_name(args.out.stem + "-work")
+    check_writable([args.out, work_dir / "generated-features" / "settings.json"])
+    kwargs = sampler_kwargs(args)
     device = resolve_device(args.device)
-    trained = load_trained_model(args.run, ema=args.ema, device=device, compile=args.compile, cpu_workers=args.cpu_workers)
+    trained = _loaded(args, device)
     extractor = load_extractor(args.features, trained.config.dataset, path=args.classifier or args.inception_weights, device=device)
+    say(f"FID of {args.num} samples of {_describe_sampling(trained, kwargs, device)}, against the "
+        f"{', '.join(args.against)} split(s) of {trained.config.dataset} on {extractor.name} features; "
+        f"finished batches are kept in {work_dir}")
     result = model_fid(
         trained, extractor, num=args.num, against=args.against, batch_size=args.batch_size, seed=args.seed, device=device,
-        work_dir=args.out.with_name(args.out.stem + "-work"), progress=not args.no_progress, floor=args.real_vs_real,
-        **sampler_kwargs(args),
+        work_dir=work_dir, progress=not args.no_progress, floor=args.real_vs_real, **kwargs,
     )
     write_json(args.out, result, what="FID result")
     for split, metrics in result["splits"].items():
-        print(f"ddpm: {split}: FID {metrics['fid']:.3f}, precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f} "
-              f"({result['num_generated']} generated vs {result['reference_images'][split]} real images)")
+        say(f"{split}: FID {metrics['fid']:.3f}, precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f} "
+            f"({result['num_generated']} generated vs {result['reference_images'][split]} real images)")
     if args.real_vs_real:
         floor = result["real_vs_real"]
         for split, metrics in floor["splits"].items():
-            print(f"ddpm: floor, {floor['compared']} vs {split}: FID {metrics['fid']:.3f}, precision {metrics['precision']:.3f}, "
-                  f"recall {metrics['recall']:.3f} (real images only)")
-    settings = result["settings"]
-    print(f"ddpm: {result['extractor']} features (SHA-256 {result['extractor_sha256'][:12]}...), {settings['weights']} weights of "
-          f"{settings['checkpoint']} (step {settings['step']}), {settings['sampler']} sampler, {settings['steps']} steps, "
-          f"seed {settings['seed']}; {result['wall_seconds']:.0f} s")
-    print(f"ddpm: wrote {args.out}")
+            say(f"floor, {floor['compared']} vs {split}: FID {metrics['fid']:.3f}, precision {metrics['precision']:.3f}, "
+                f"recall {metrics['recall']:.3f} (real images only)")
+    for warning in result.get("warnings", []):
+        say(f"warning: {warning}")
+    say(f"{result['extractor']} features (SHA-256 {result['extractor_sha256'][:12]}...); {result['wall_seconds']:.0f} s; "
+        f"wrote {args.out} (with every setting)")
     return 0
 
 
@@ -527,7 +680,8 @@ def _add_experiment_commands(commands: Any) -> None:
     forward.add_argument("--dataset", required=True, help=_HELP["dataset"])
     forward.add_argument("--schedule", type=_name_list, default=("linear", "cosine"), help="comma-separated schedules (default linear,cosine)")
     forward.add_argument("--num-steps", type=int, default=1000, help="T (default 1000)")
-    forward.add_argument("--num-images", type=int, default=4, help="images, one per class (default 4)")
+    forward.add_argument("--num-images", type=int, default=4,
+                         help="images: the first of each class, then the second of each, ... (default 4)")
     forward.add_argument("--frames", type=int, default=10, help="values of t per strip (default 10)")
     forward.add_argument("--data-dir", default=None)
     forward.add_argument("--seed", type=int, default=0)
@@ -537,7 +691,9 @@ def _add_experiment_commands(commands: Any) -> None:
     reverse.add_argument("run", type=Path, help="run directory (latest checkpoint, EMA weights) or a checkpoint file")
     reverse.add_argument("--num-images", type=int, default=4, help="trajectories, one pair of rows each (default 4)")
     reverse.add_argument("--frames", type=int, default=10, help="steps shown, evenly spaced over the sampler's (default 10)")
-    reverse.add_argument("--seed", type=int, default=0)
+    reverse.add_argument("--seed", type=int, default=0, help="default 0")
+    reverse.add_argument("--class", dest="classes", type=_class_list, default=None, metavar="CLASSES",
+                         help="conditional models: the class of each trajectory, in turn: 3, 3,7 or all")
     reverse.add_argument("--device", default="auto", choices=DEVICES)
     reverse.add_argument("--out", type=Path, default=None, help="PNG path (default RUN/reverse-SAMPLER-STEPS.png)")
     _add_sampler_flags(reverse)
@@ -553,13 +709,13 @@ def _add_experiment_commands(commands: Any) -> None:
     ablation.add_argument("--dataset", default=None, help=_HELP["dataset"])
     ablation.add_argument("--epochs", type=int, default=None, help="training epochs of every run")
     ablation.add_argument("--schedules", type=_name_list, default=("linear", "cosine"), help="default linear,cosine")
-    ablation.add_argument("--attention", type=_name_list, default=("on", "off"), help="on, off or both (default on,off)")
+    ablation.add_argument("--attention", type=_name_list, default=("on", "off"), help="on, off, or both as on,off (default on,off)")
     ablation.add_argument("--num-fid", type=int, default=8192, help="generated images per FID (default 8192, the poster's)")
     ablation.add_argument("--fid-batch-size", type=int, default=256, help="images per sampling batch")
     ablation.add_argument("--out", type=Path, required=True, help="folder of the runs and ablation.json")
     ablation.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_sampler_flags(ablation)
-    ablation.set_defaults(handler=_cmd_ablation)
+    ablation.set_defaults(handler=_cmd_ablation, resume_with=_same_command)
 
     report = commands.add_parser("report", help="one self-contained HTML page (and Markdown) of a folder of runs")
     report.add_argument("runs", type=Path, help="folder with runs, ablation.json files and figures")
@@ -572,63 +728,85 @@ def _name_list(text: str) -> tuple[str, ...]:
 
 
 def _cmd_figures_forward(args: argparse.Namespace) -> int:
-    import torch
-
     from .data import load_dataset
-    from .figures import forward_process_figure
+    from .figures import across_classes, forward_process_figure
     from .schedules import make_schedule
 
     if args.num_images < 1 or args.frames < 1:
         raise ConfigError("--num-images and --frames must be >= 1")
     schedules = [make_schedule(name, args.num_steps) for name in args.schedule]
+    check_writable([args.out / f"forward-{name}.png" for name in args.schedule] + [args.out / "alpha-bars.png"])
     dataset = load_dataset(args.dataset, "train", data_dir=args.data_dir)
-    # The first image of each class, so that the strips show different digits.
-    classes = torch.unique(dataset.labels)[: args.num_images]
-    chosen = torch.stack([torch.nonzero(dataset.labels == label)[0, 0] for label in classes])
+    chosen = across_classes(dataset.labels, args.num_images)
+    if len(chosen) < args.num_images:
+        say(f"the {dataset.info.name} train split has only {len(chosen)} images; showing them all")
     for path in forward_process_figure(dataset.images[chosen], schedules, args.out, num_frames=args.frames, seed=args.seed):
-        print(f"ddpm: wrote {path}")
+        say(f"wrote {path}")
     return 0
 
 
 def _cmd_figures_reverse(args: argparse.Namespace) -> int:
+    import torch
+
     from .checkpoint import load_trained_model
+    from .fid import fid_settings
     from .figures import reverse_process_figure
+    from .guidance import num_guided_classes, resolve_classes
 
     if args.num_images < 1 or args.frames < 1:
         raise ConfigError("--num-images and --frames must be >= 1")
+    kwargs = sampler_kwargs(args)
     device = resolve_device(args.device)
     trained = load_trained_model(args.run, ema=True, device=device)
-    kwargs = sampler_kwargs(args)
     run_dir = args.run if args.run.is_dir() else trained.path.parent.parent
     out = args.out or run_dir / f"reverse-{args.sampler}-{args.steps or trained.schedule.num_steps}.png"
+    check_writable([out])
+    labels = None
+    if args.classes is not None:
+        classes = resolve_classes(args.classes, num_guided_classes(trained.model, None))
+        labels = torch.tensor([classes[k % len(classes)] for k in range(args.num_images)], dtype=torch.int64)
+    settings = {**fid_settings(trained, seed=args.seed, batch_size=args.num_images, **kwargs),
+                **({"labels": labels.tolist()} if labels is not None else {})}
+    say(f"the reverse process of {args.num_images} sample(s) of {_describe_sampling(trained, kwargs, device)}")
     path = reverse_process_figure(
         trained.model, trained.schedule, trained.image_shape, out, num_images=args.num_images,
-        num_frames=args.frames, seed=args.seed, **kwargs,
+        num_frames=args.frames, seed=args.seed, settings=settings, labels=labels, **kwargs,
     )
-    print(f"ddpm: wrote {path}")
+    say(f"wrote {path}")
     return 0
 
 
 def _cmd_ablation(args: argparse.Namespace) -> int:
-    from .ablation import run_ablation
+    from .ablation import ABLATION_FILE, read_ablation, run_ablation
+    from .choices import ATTENTION_SWITCHES
+    from .report import details_table, text_table
 
     if args.num_fid < 2 or args.fid_batch_size < 1:
         raise ConfigError("--num-fid must be >= 2 and --fid-batch-size >= 1")
+    if not set(args.attention) <= set(ATTENTION_SWITCHES):
+        raise ConfigError(f"--attention takes on, off or on,off, got {','.join(args.attention)}")
+    kwargs = sampler_kwargs(args)
     base = resolve_config(args.config, {"dataset": args.dataset, "epochs": args.epochs})
+    check_writable([args.out / ABLATION_FILE])
+    started = time.perf_counter()
     rows = run_ablation(
         base, args.out, schedules=args.schedules, attentions=args.attention, num_fid=args.num_fid,
-        sampling=sampler_kwargs(args), seed=base.seed, batch_size=args.fid_batch_size,
+        sampling=kwargs, seed=base.seed, batch_size=args.fid_batch_size,
         device=resolve_device(base.device), progress=not args.no_progress,
     )
-    print(f"ddpm: {len(rows)} combination(s); table {args.out / 'ablation.json'}")
+    print(text_table(details_table(read_ablation(args.out / ABLATION_FILE))))
+    say(f"{len(rows)} combination(s) in {(time.perf_counter() - started) / 60:.1f} min; table {args.out / ABLATION_FILE}")
+    say(f"next: ddpm report {shlex.quote(str(args.out))}")
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .report import REPORT_HTML, REPORT_MD, write_report
 
+    out = args.out or args.runs
+    check_writable([out / REPORT_HTML, out / REPORT_MD])
     for path in write_report(args.runs, args.out):
-        print(f"ddpm: wrote {path}")
+        say(f"wrote {path}")
     return 0
 
 

@@ -1,8 +1,9 @@
 """The training configuration: one flat dataclass, TOML files, command-line overrides.
 
 Precedence, lowest to highest: the dataclass defaults, a ``--config FILE`` (TOML), then
-flags given on the command line. The resolved config is printed at start-up, stored as
-``config.json`` in the run directory and inside every checkpoint.
+flags given on the command line. The resolved config is stored as ``config.json`` in the
+run directory and inside every checkpoint; training prints how it differs from the
+defaults (``differences_from_defaults``).
 
 Every field is validated when the dataclass is built, so a bad value is reported
 before any data is read or any model is built.
@@ -69,7 +70,7 @@ class TrainConfig:
     log_every: int = 50  # steps between metrics.jsonl lines
     checkpoint_every: int = 500  # steps; a checkpoint is also written at each epoch end
     keep_checkpoints: int = 3  # the last K, plus the best by validation loss
-    sample_every_epoch: int = 64  # images in the per-epoch grid; 0 = none
+    preview_images: int = 64  # images in the grid sampled after each epoch; 0 = none (was sample_every_epoch)
     preview_sampler: SamplerName = "ddim"  # cheap settings for per-epoch grids and FID
     preview_steps: int = 50
     fid_batches: int = 5  # the poster: FID on 5 validation minibatches per epoch; 0 = off
@@ -102,7 +103,7 @@ class TrainConfig:
         require(0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)")
         require(self.log_every >= 1 and self.checkpoint_every >= 1, "log_every and checkpoint_every must be >= 1")
         require(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
-        require(self.sample_every_epoch >= 0 and self.fid_batches >= 0, "sample_every_epoch and fid_batches must be >= 0")
+        require(self.preview_images >= 0 and self.fid_batches >= 0, "preview_images and fid_batches must be >= 0")
         require(1 <= self.preview_steps <= self.num_steps, f"preview_steps must be in [1, num_steps={self.num_steps}]")
         require(self.image_size is None or self.image_size >= 1, "image_size must be >= 1")
         require(self.channels in (None, 1, 3), "channels must be 1 (grayscale) or 3 (RGB)")
@@ -126,12 +127,29 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
+def differences_from_defaults(config: TrainConfig) -> dict[str, Any]:
+    """The fields of ``config`` whose values are not the defaults, in field order."""
+    defaults = TrainConfig().to_dict()
+    return {key: value for key, value in config.to_dict().items() if value != defaults[key]}
+
+
+# Old key -> its new name: configs, runs and checkpoints written before a rename still load.
+RENAMED_KEYS = {"sample_every_epoch": "preview_images"}
+
+
 def field_names() -> tuple[str, ...]:
     return tuple(f.name for f in fields(TrainConfig))
 
 
 def config_from_dict(values: dict[str, Any], *, source: str = "config") -> TrainConfig:
-    """Build a TrainConfig, naming the valid keys when an unknown one is given."""
+    """Build a TrainConfig, naming the valid keys when an unknown one is given; old key
+    names (RENAMED_KEYS) are read as their new ones."""
+    values = dict(values)
+    for old, new in RENAMED_KEYS.items():
+        if old in values:
+            if new in values:
+                raise ConfigError(f"{source}: {old} is the old name of {new}; give only {new}")
+            values[new] = values.pop(old)
     valid = field_names()
     unknown = sorted(set(values) - set(valid))
     if unknown:

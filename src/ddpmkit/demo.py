@@ -13,9 +13,12 @@ from pathlib import Path
 
 from .checkpoint import latest_checkpoint, load_trained_model
 from .config import TrainConfig
+from .errors import Interrupted
+from .fid import fid_settings
 from .images import save_image_grid
+from .io import say
 from .rng import seeded_generator
-from .samplers import sample
+from .samplers import sample, step_progress
 from .training import resolve_resume_config, train
 
 DEMO_CONFIG = TrainConfig(
@@ -29,7 +32,7 @@ DEMO_CONFIG = TrainConfig(
     max_steps=800,
     ema_decay=0.995,
     checkpoint_every=400,
-    sample_every_epoch=0,
+    preview_images=0,
     fid_batches=0,
 )
 # Ancestral sampling: on a model this short-trained, DDIM and DPM-Solver++ at few steps
@@ -37,11 +40,12 @@ DEMO_CONFIG = TrainConfig(
 DEMO_SAMPLER = {"sampler": "ddpm", "steps": 100}
 
 
-def run_demo(run_dir: str | Path, *, max_steps: int | None = None) -> Path | None:
+def run_demo(run_dir: str | Path, *, max_steps: int | None = None) -> Path:
     """Train DEMO_CONFIG into run_dir, then write run_dir/samples.png (64 digits).
 
     Run again, it continues an interrupted demo and only re-samples a finished one; a
-    run_dir that holds another experiment is refused. Returns None when interrupted.
+    run_dir that holds another experiment is refused. Raises Interrupted when stopped
+    by a signal (the checkpoint is written).
     """
     run_dir = Path(run_dir)
     config = DEMO_CONFIG if max_steps is None else DEMO_CONFIG.replace(max_steps=max_steps)
@@ -51,12 +55,16 @@ def run_demo(run_dir: str | Path, *, max_steps: int | None = None) -> Path | Non
         config = resolve_resume_config(run_dir, config.to_dict())
     summary = train(config, run_dir, resume=resume)
     if summary.interrupted:
-        print("ddpm demo: interrupted; run it again (make demo) to continue where it stopped")
-        return None
+        raise Interrupted(f"the demo's training was interrupted at step {summary.step}", summary.stop_signal)
     trained = load_trained_model(run_dir, ema=True)
-    images = sample(trained.model, trained.schedule, (64, *trained.image_shape), generator=seeded_generator(config.seed, 0), **DEMO_SAMPLER)
-    grid = save_image_grid(images, run_dir / "samples.png", nrow=8, scale=3)
+    say(f"sampling 64 digits with {DEMO_SAMPLER['steps']} {DEMO_SAMPLER['sampler']} steps")
+    # seeded_generator(seed, 0) is what sample_batches draws batch 0 with: fid_settings describes the grid exactly.
+    with step_progress(1, DEMO_SAMPLER["steps"]) as advance:
+        images = sample(trained.model, trained.schedule, (64, *trained.image_shape), generator=seeded_generator(config.seed, 0),
+                        callback=advance, **DEMO_SAMPLER)
+    settings = fid_settings(trained, seed=config.seed, batch_size=64, **DEMO_SAMPLER)
+    grid = save_image_grid(images, run_dir / "samples.png", nrow=8, settings=settings)
     minutes = (time.perf_counter() - started) / 60
-    print(f"ddpm demo: done in {minutes:.1f} min\n  run directory: {run_dir}\n  sample grid:   {grid}")
-    print(f"  more samples:  ddpm sample {run_dir} --num 64 --sampler ddpm --steps 100 --out {run_dir / 'more.png'}")
+    say(f"demo done in {minutes:.1f} min; run directory {run_dir}, sample grid {grid}")
+    say(f"next: ddpm sample {run_dir} --num 64 --sampler ddpm --steps 100 --out {run_dir / 'more.png'}")
     return grid

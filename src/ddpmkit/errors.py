@@ -1,8 +1,9 @@
 """The project's own exception types.
 
 Every error a user can cause (a bad option, a missing file, a corrupt checkpoint) is one
-of these, with a one-line message; the CLI prints it as ``error: <message>`` and exits
-with status 2, without a traceback. Anything else escaping is a bug.
+of these, with a one-line message; the CLI prints it as ``ddpm: error: <message>`` and
+exits with status 2, without a traceback. Anything else escaping is a bug, except
+``Interrupted``: a stop asked for by a signal.
 """
 
 
@@ -24,3 +25,14 @@ class CheckpointError(DdpmError):
 
 class TrainingError(DdpmError):
     """Training stopped on a numerical failure (non-finite loss or gradient)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Work stopped on SIGINT or SIGTERM after saving what it had; ``signal_number`` says
+    which. A KeyboardInterrupt, so that no ``except Exception`` swallows it; the CLI exits
+    with 128 + signal_number (130 for SIGINT, 143 for SIGTERM), the shell's convention for
+    a process ended by a signal, so that ``ddpm train ... && ddpm fid ...`` stops after a ^C."""
+
+    def __init__(self, message: str, signal_number: int) -> None:
+        super().__init__(message)
+        self.signal_number = signal_number

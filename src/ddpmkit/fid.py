@@ -18,35 +18,38 @@ work directory and resume from the first unfinished batch; ``model_fid`` is what
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import time
 import zipfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from . import __version__
 from .checkpoint import TrainedModel
-from .choices import DEFAULT_SPACING, FEATURE_KINDS, FeatureKind, Split
+from .choices import FEATURE_KINDS, FeatureKind, Split
 from .classifier import find_classifier, load_classifier
 from .data import ImageDataset, load_dataset
 from .errors import ConfigError, DdpmError
 from .images import to_model_range, to_uint8
 from .inception import load_inception
-from .io import cache_root, safe_name, write_atomically
+from .io import cache_root, file_sha256, safe_name, write_atomically
 from .metrics import PRECISION_RECALL_K, FeatureStats, frechet_distance, frechet_distance_from_stats, precision_recall
-from .samplers import sample_batches
+from .samplers import sample, sample_batches, step_progress
 from .schedules import NoiseSchedule
 from .validation import check_choice
 
 # Both sets are cut to the same size for precision/recall (the k-NN radii shrink as a set
 # grows, so unequal sizes would bias the two numbers); the cut is a fixed random subset.
 _SUBSET_SEED = 0
+# The options of samplers.sample that decide the samples besides the model, seed and labels.
+_SAMPLER_OPTIONS = ("sampler", "steps", "eta", "variance", "spacing", "clip_denoised")
 
 
 # --- feature extractors ----------------------------------------------------------------------
@@ -191,12 +194,14 @@ def compute_fid(
     reference_features) or precomputed References.
     ``settings`` is everything that decides the images (checkpoint, EMA or raw weights,
     sampler, steps, seed, batch size, ...): it is copied into the result and, with a
-    ``work_dir``, stored beside the features of every finished batch. Run again with
-    the same work_dir and settings, it resumes at the first unfinished batch; with
-    other settings it refuses rather than mix two experiments.
+    ``work_dir``, the features of every finished batch are kept in
+    ``work_dir/generated-features/<settings_digest of num, extractor and settings>/``, with
+    those settings beside them. Run again with the same work_dir and settings, it resumes
+    at the first unfinished batch; other settings get a folder of their own.
 
     The result: per split, "fid", "precision" and "recall"; and the provenance: number
-    generated, reference images per split, extractor and its weights' SHA-256, k, settings.
+    generated, reference images per split, extractor and its weights' SHA-256, k, settings;
+    and "warnings" (small_sample_warnings), when there are any.
     """
     if num < 2:
         raise ConfigError(f"FID needs at least 2 generated images, got {num}")
@@ -206,7 +211,9 @@ def compute_fid(
     ]
     # Through JSON and back, so that it compares equal with the stored copy (tuples become lists).
     fingerprint = json.loads(json.dumps({"num": num, **extractor.provenance(), "settings": dict(settings)}, default=str))
-    features = _generated_features(generate, num, extractor, Path(work_dir) / "generated-features" if work_dir else None, fingerprint)
+    store = Path(work_dir) / "generated-features" / settings_digest(fingerprint) if work_dir else None
+    features = _generated_features(generate, num, extractor, store, fingerprint)
+    warnings = small_sample_warnings({"generated": num, **{r.name: r.stats.n for r in references}}, int(features.shape[1]), k)
     return {
         "splits": {reference.name: compare(reference, features, k) for reference in references},
         "num_generated": num,
@@ -215,7 +222,20 @@ def compute_fid(
         "feature_dim": int(features.shape[1]),
         "precision_recall_k": k,
         "settings": fingerprint["settings"],
+        **({"warnings": warnings} if warnings else {}),
     }
+
+
+def small_sample_warnings(sizes: Mapping[str, int], feature_dim: int, k: int = PRECISION_RECALL_K) -> list[str]:
+    """One warning per set of images (name: count) too small for FID in ``feature_dim``
+    dimensions: n images have a covariance of rank at most n - 1, so with n <= feature_dim it
+    is singular and the FID mostly the estimate's bias; precision and recall from the k
+    nearest of so few neighbours are as unreliable."""
+    return [
+        f"{name}: {n} images in a {feature_dim}-dimensional feature space, whose covariance has rank at most {n - 1}: "
+        f"FID is mostly estimation bias, and precision/recall (k = {k} neighbours) unreliable; use more than {feature_dim} images"
+        for name, n in sizes.items() if n <= feature_dim
+    ]
 
 
 def _generated_features(
@@ -253,10 +273,10 @@ def _open_store(store: Path, fingerprint: dict[str, Any]) -> list[np.ndarray]:
         stored = json.loads(settings_file.read_text())
     except json.JSONDecodeError:
         stored = None
-    if stored != fingerprint:
+    if stored != fingerprint:  # a damaged settings.json, or a folder copied here by hand
         raise ConfigError(
             f"{store} holds generated features of other settings (see {settings_file.name}); "
-            "delete that folder or choose another output directory"
+            "delete that folder"
         )
     finished = []
     while (batch_file := store / f"batch-{len(finished):06d}.npy").is_file():
@@ -268,24 +288,35 @@ def _open_store(store: Path, fingerprint: dict[str, Any]) -> list[np.ndarray]:
 
 
 def sampler_settings(trained: TrainedModel, **sample_kwargs: Any) -> dict[str, Any]:
-    """The sampler options with the defaults that decide the samples filled in: the
-    spacing, and steps (None = all num_steps)."""
-    steps = sample_kwargs.pop("steps", None)
-    return {"spacing": DEFAULT_SPACING, **sample_kwargs, "steps": trained.schedule.num_steps if steps is None else steps}
+    """The sampler options that decide the samples, typed, with sample's defaults filled in
+    (steps: all num_steps), and only those the sampler uses: eta for ddim, variance for ddpm."""
+    defaults = {name: parameter.default for name, parameter in inspect.signature(sample).parameters.items() if name in _SAMPLER_OPTIONS}
+    settings = {**defaults, **sample_kwargs}
+    if settings["steps"] is None:
+        settings["steps"] = trained.schedule.num_steps
+    if settings["sampler"] != "ddim":
+        del settings["eta"]
+    if settings["sampler"] != "ddpm":
+        del settings["variance"]
+    return settings
 
 
 def fid_settings(trained: TrainedModel, *, seed: int, batch_size: int, **sample_kwargs: Any) -> dict[str, Any]:
-    """Everything that decides a trained model's FID samples: the checkpoint, its step, EMA or
-    raw weights, the seed and batch size (batch k is drawn with seeded_generator(seed, k)) and
-    sampler_settings."""
+    """Everything that decides a trained model's samples, the record that every result of
+    them carries (``ddpm sample``, ``ddpm fid``, guidance sweeps, the ablation): the checkpoint
+    (absolute path and SHA-256 of the file), its step, EMA or raw weights, the seed and batch
+    size (batch k is drawn with seeded_generator(seed, k)), sampler_settings and the ddpmkit
+    version that sampled."""
     return {
-        "checkpoint": str(trained.path.resolve()), "step": trained.step, "weights": "EMA" if trained.ema else "raw",
-        "seed": seed, "batch_size": batch_size, **sampler_settings(trained, **sample_kwargs),
+        "checkpoint": str(trained.path.resolve()), "checkpoint_sha256": file_sha256(trained.path), "step": trained.step,
+        "weights": "EMA" if trained.ema else "raw", "seed": seed, "batch_size": batch_size,
+        **sampler_settings(trained, **sample_kwargs), "ddpmkit_version": __version__,
     }
 
 
 def settings_digest(settings: Mapping[str, Any]) -> str:
-    """A short hash naming a work folder of one set of settings (the ablation's RUN/fid/<digest>/)."""
+    """A short hash naming a work folder of one set of settings (the ablation's RUN/fid/<digest>/,
+    compute_fid's generated-features/<digest>/)."""
     return hashlib.sha256(json.dumps(dict(settings), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -311,8 +342,8 @@ def model_fid(
 
     ``sample_kwargs`` go to samplers.sample (sampler, steps, eta, variance, spacing, ...).
     The settings in the result are fid_settings'. ``work_dir`` makes the run resumable
-    (compute_fid); ``description`` labels the progress bar. "wall_seconds" is the time
-    this call took.
+    (compute_fid); ``description`` labels the progress bar, which counts sampler steps.
+    "wall_seconds" is the time this call took.
     """
     started = time.perf_counter()
     if num < 2 or batch_size < 1:  # checked before any dataset is read
@@ -326,11 +357,12 @@ def model_fid(
     settings = fid_settings(trained, seed=seed, batch_size=batch_size, **sample_kwargs)
     num_batches = math.ceil(num / batch_size)
 
-    def generate(start_batch: int) -> Iterable[torch.Tensor]:
-        batches = sample_batches(
-            trained.model, trained.schedule, num, batch_size, trained.image_shape, seed=seed, start_batch=start_batch, device=device, **sampling
-        )
-        return tqdm(batches, total=num_batches, initial=start_batch, unit="batch", desc=description, disable=not progress)
+    def generate(start_batch: int) -> Iterator[torch.Tensor]:
+        with step_progress(num_batches, sampling["steps"], description=description, start_batch=start_batch, disable=not progress) as advance:
+            yield from sample_batches(
+                trained.model, trained.schedule, num, batch_size, trained.image_shape, seed=seed, start_batch=start_batch,
+                device=device, callback=advance, **sampling,
+            )
 
     result = compute_fid(generate, num, extractor, [splits[split] for split in against], settings=settings, work_dir=work_dir, cache_dir=cache_dir)
     if floor:

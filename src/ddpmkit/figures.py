@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, DdpmError
-from .images import image_grid, to_model_range
+from .images import image_grid, png_text, to_model_range
 from .rng import seeded_generator
 from .samplers import sample
 from .schedules import NoiseSchedule
@@ -21,11 +21,7 @@ from .schedules import NoiseSchedule
 
 def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Loss (train and validation) and, when logged, FID against steps, from metrics.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.jsonl"
     if not metrics_path.is_file():
@@ -43,19 +39,17 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
         for key in keys:
             if series[key]:
                 steps, values = zip(*series[key])
-                axis.plot(steps, values, marker="o" if key != "train_loss" else None, label=key.replace("_", " "))
+                # The train loss is a dense line; a single point of it needs a marker to be seen at all.
+                marker = "o" if key != "train_loss" or len(steps) == 1 else None
+                axis.plot(steps, values, marker=marker, label=key.replace("_", " "))
         axis.set_xlabel("optimizer step")
         axis.set_title(title)
         axis.grid(alpha=0.3)
         axis.legend()
     if series["train_loss"]:
         axes[0][0].set_yscale("log")
-    figure.suptitle(run_dir.name)
-    figure.tight_layout()
-    out = Path(out) if out else run_dir / "curves.png"
-    figure.savefig(out, dpi=120)
-    plt.close(figure)
-    return out
+    figure.suptitle(run_dir.resolve().name)
+    return _save_figure(figure, Path(out) if out else run_dir / "curves.png")
 
 
 # --- the forward and reverse processes (the poster's strips) --------------------------------
@@ -70,6 +64,15 @@ def evenly_spaced(count: int, num: int) -> list[int]:
     if num == 1:
         return [count - 1]
     return [round(k * (count - 1) / (num - 1)) for k in range(num)]
+
+
+def across_classes(labels: torch.Tensor, num: int) -> list[int]:
+    """``num`` indices into ``labels``: the first image of each class, then the second of
+    each, and so on, so that every class is shown before any is shown twice."""
+    classes = torch.unique(labels).tolist()
+    members = [torch.nonzero(labels == label).flatten().tolist() for label in classes]
+    order = [group[rank] for rank in range(max(map(len, members))) for group in members if rank < len(group)]
+    return order[:num]
 
 
 def forward_process_frames(
@@ -101,7 +104,7 @@ def forward_process_figure(
     for schedule in schedules:
         indices = evenly_spaced(schedule.num_steps, num_frames)
         frames = forward_process_frames(x0, schedule, indices, seed=seed)
-        paths.append(_save_strips(
+        paths.append(save_strips(
             frames, [f"t={index + 1}" for index in indices], [""] * len(x0),
             f"forward process q(x_t | x_0), {schedule.name} schedule", out_dir / f"forward-{schedule.name}.png",
         ))
@@ -137,8 +140,8 @@ def reverse_process_frames(
 
     The frames are evenly spaced over the steps ``sample`` visits, the first (x_T, pure
     noise) and the last (whose predicted x0 is the sample returned) included; they come
-    from one ordinary ``sample`` call with ``sample_kwargs``. Returns the frames' step
-    indices and x_t, x0 as (N, F, C, H, W) on the CPU.
+    from one ordinary ``sample`` call with ``sample_kwargs`` (``labels`` for a conditional
+    model among them). Returns the frames' step indices and x_t, x0 as (N, F, C, H, W) on the CPU.
     """
     visits = sample_kwargs.get("steps") or schedule.num_steps  # sample's default: every step
     kept = set(evenly_spaced(visits, num_frames))
@@ -163,21 +166,33 @@ def reverse_process_figure(
     num_images: int = 4,
     num_frames: int = 10,
     seed: int = 0,
+    settings: dict[str, Any] | None = None,
     **sample_kwargs: Any,
 ) -> Path:
     """The denoising trajectory of ``num_images`` samples: per sample a row of x_t and,
-    below it, a row of the predicted x0, at the frames of reverse_process_frames."""
+    below it, a row of the predicted x0, at the frames of reverse_process_frames, then a
+    last column "x_0": the finished sample (the x0 the last step predicts, which the sampler
+    returns). ``labels`` in sample_kwargs name each row's class; ``settings`` go into the
+    PNG's text chunk."""
     indices, states, predictions = reverse_process_frames(
         model, schedule, image_shape, num_images=num_images, num_frames=num_frames, seed=seed, **sample_kwargs
     )
-    rows = torch.stack([states, predictions], dim=1).flatten(0, 1)  # x_t, x0, x_t, x0, ...
+    finished = predictions[:, -1:]
+    rows = torch.stack([torch.cat([states, finished], 1), torch.cat([predictions, finished], 1)], dim=1).flatten(0, 1)
+    labels = sample_kwargs.get("labels")
+    names = [f"x_t, class {int(label)}" for label in labels] if labels is not None else ["x_t"] * num_images
     sampler = sample_kwargs.get("sampler", "ddpm")
     title = f"reverse process\n{sampler}, {sample_kwargs.get('steps') or schedule.num_steps} steps, {schedule.name} schedule"
-    return _save_strips(rows, [f"t={index + 1}" for index in indices], ["x_t", "predicted x0"] * num_images, title, path)
+    columns = [f"t={index + 1}" for index in indices] + ["x_0 (sample)"]
+    return save_strips(rows, columns, [row for name in names for row in (name, "predicted x0")], title, path, settings=settings)
 
 
-def _save_strips(frames: torch.Tensor, column_labels: list[str], row_labels: list[str], title: str, path: str | Path) -> Path:
-    """Frames (R, F, C, H, W) in [-1, 1] as one labelled grid: R rows of F images."""
+def save_strips(
+    frames: torch.Tensor, column_labels: list[str], row_labels: list[str], title: str, path: str | Path,
+    *, settings: dict[str, Any] | None = None,
+) -> Path:
+    """Frames (R, F, C, H, W) in [-1, 1] as one labelled grid: R rows of F images;
+    ``settings`` into the PNG's text chunk."""
     rows, count, channels, height, width = frames.shape
     padding = 2
     grid = image_grid(frames.flatten(0, 1), nrow=count, padding=padding)
@@ -190,7 +205,7 @@ def _save_strips(frames: torch.Tensor, column_labels: list[str], row_labels: lis
     for spine in axis.spines.values():
         spine.set_visible(False)
     axis.set_title(title, fontsize=9)
-    return _save_figure(figure, path)
+    return _save_figure(figure, path, settings)
 
 
 def _pyplot() -> Any:
@@ -203,10 +218,10 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save_figure(figure: Any, path: str | Path) -> Path:
+def _save_figure(figure: Any, path: str | Path, settings: dict[str, Any] | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, metadata=png_text(settings) if settings is not None else None)
     _pyplot().close(figure)
     return path

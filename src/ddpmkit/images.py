@@ -3,12 +3,21 @@
 The model sees ``to_model_range(images)``: pixels scaled to [-1, 1] as in Ho et al. 2020,
 Sec. 3.3. ``to_uint8`` is its inverse, and every image ddpmkit saves or measures (grids,
 FID features) is quantised by it, as a saved PNG would be.
+
+A grid shows at most GRID_COLUMNS images a row (per class, one row per class; or
+GRID_COLUMNS rows of them without classes), each pixel enlarged GRID_SCALE times: what
+stays readable on one screen. ``grid_selection`` picks them, and the caller says what was
+left out. Every PNG ddpmkit writes of its results carries the settings that made it, as
+JSON in its ``PNG_TEXT_KEY`` text chunk (``PIL.Image.open(path).text["ddpmkit"]``).
 """
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,13 +57,47 @@ def image_grid(images: torch.Tensor, *, nrow: int | None = None, padding: int = 
     return grid
 
 
-def save_image_grid(images: torch.Tensor, path: str | Path, *, nrow: int | None = None, scale: int = 2) -> Path:
-    """Write image_grid(images) as a PNG, each pixel enlarged ``scale`` times (nearest)."""
+GRID_COLUMNS = 16
+GRID_SCALE = 2
+PNG_TEXT_KEY = "ddpmkit"
+
+
+def grid_selection(labels: torch.Tensor | None, count: int) -> tuple[list[int], int]:
+    """Which of ``count`` images a grid shows, and how many a row.
+
+    Without labels: the first GRID_COLUMNS ** 2, in a near-square grid. With ``labels``
+    (one per image, each class in one block as guidance.class_labels makes them): one row
+    per class, every class, each row the first k images of its class, k = the smallest
+    class's count, at most GRID_COLUMNS.
+    """
+    if labels is None:
+        shown = min(count, GRID_COLUMNS**2)
+        return list(range(shown)), math.ceil(math.sqrt(shown))
+    classes = list(dict.fromkeys(labels.tolist()))
+    members = {c: torch.nonzero(labels == c).flatten().tolist() for c in classes}
+    per_row = min(GRID_COLUMNS, *(len(m) for m in members.values()))
+    return [index for c in classes for index in members[c][:per_row]], per_row
+
+
+def png_text(settings: Mapping[str, Any]) -> dict[str, str]:
+    """The PNG text chunk of a result image: ``settings`` as JSON under PNG_TEXT_KEY."""
+    return {PNG_TEXT_KEY: json.dumps(dict(settings), default=str)}
+
+
+def save_image_grid(
+    images: torch.Tensor, path: str | Path, *, nrow: int | None = None, settings: Mapping[str, Any] | None = None
+) -> Path:
+    """Write image_grid(images) as a PNG, each pixel enlarged GRID_SCALE times (nearest);
+    ``settings``, when given, go into its text chunk (png_text)."""
+    from PIL import PngImagePlugin
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid = image_grid(images, nrow=nrow)
     picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    if scale > 1:
-        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-    picture.save(path)
+    picture = picture.resize((picture.width * GRID_SCALE, picture.height * GRID_SCALE), Image.NEAREST)
+    text = PngImagePlugin.PngInfo()
+    for key, value in (png_text(settings) if settings is not None else {}).items():
+        text.add_text(key, value)
+    picture.save(path, pnginfo=text)
     return path

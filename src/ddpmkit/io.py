@@ -1,8 +1,15 @@
-"""Files: atomic writes, JSON results, weights into modules, and ddpmkit's cache folder.
+"""Files: atomic writes, JSON results, weights into modules, ddpmkit's cache folder, and the
+one-line messages the commands print.
 
 Every file ddpmkit writes for later runs to trust (checkpoints, reference features, result
 JSON) goes through ``write_atomically``: a crash leaves the old file or the new one, never
-half of one.
+half of one. Its files get the mode of any other file a user creates (0666 less the
+umask, 0644 by default): checkpoints and classifiers are results to share, like the
+PNGs and JSON beside them, and hold nothing secret (the temporary files that safetensors
+writes through would otherwise leave them 0600).
+
+``check_writable`` is how a command checks its output paths before any work, so that an
+unwritable ``--out`` is one line at the start, not a traceback after an hour of sampling.
 """
 
 from __future__ import annotations
@@ -12,13 +19,45 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError
 
 CACHE_ENV = "DDPMKIT_CACHE"
+MESSAGE_PREFIX = "ddpm: "
+
+
+def say(message: str) -> None:
+    """One line for the user on stdout, prefixed ``ddpm: `` as every message of ddpmkit is,
+    written above an open progress bar rather than through it."""
+    from tqdm import tqdm
+
+    tqdm.write(MESSAGE_PREFIX + message)
+
+
+def check_writable(paths: Iterable[str | Path], *, what: str = "output") -> None:
+    """Raise one CheckpointError line now if any of ``paths`` (files to be written later)
+    could not be created: its folder, or the nearest folder above it that exists, is
+    read-only, full or not a folder, or the path is a folder itself. Creates nothing
+    that stays: a probe file is made and removed in the nearest existing folder."""
+    for path in map(Path, paths):
+        if path.is_dir():
+            raise CheckpointError(f"cannot write {what} {path}: it is a directory")
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        try:
+            if not folder.is_dir():
+                raise NotADirectoryError(20, f"{folder} is not a directory")
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+            if path.exists() and not os.access(path, os.W_OK):
+                raise PermissionError(13, "Permission denied")
+        except OSError as exc:
+            raise CheckpointError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
 
 
 def cache_root() -> Path:
@@ -48,6 +87,7 @@ def write_atomically(path: str | Path, write: Callable[[Path], object], *, what:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(temporary)
+        os.chmod(temporary, 0o666 & ~_umask())
         _fsync_path(temporary)
         os.replace(temporary, path)
         _fsync_path(path.parent)
@@ -96,6 +136,12 @@ def load_weights(module: Any, weights: dict[str, Any], *, source: str) -> None:
                 parts.append(f"{label}: {shown}")
         raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts))
     module.load_state_dict(weights)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def _fsync_path(path: Path) -> None:

@@ -32,7 +32,8 @@ precomputed coefficients. Conventions shared by all of them:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -356,8 +357,8 @@ def sample(
     ``model(x_t, t)`` (or ``model(x_t, t, y)`` with ``labels``) predicts the noise, t being
     int64 original indices (B,). ``steps`` model evaluations (default: all num_steps) at
     indices chosen by ``spacing``. ``eta`` is DDIM's noise scale, in [0, 1], for
-    sampler="ddim" only; ``variance`` is ancestral DDPM's sigma_t^2 (ignored by the other
-    samplers). ``labels`` are the classes to generate: a conditional model gets them, an
+    sampler="ddim" only; ``variance`` is ancestral DDPM's sigma_t^2, for sampler="ddpm"
+    only (another value than the default with another sampler is refused, as eta is). ``labels`` are the classes to generate: a conditional model gets them, an
     unconditional one does not (then they are the classifier's targets only).
     ``guidance_scale`` is classifier-free guidance's w; ``classifier``, ``classifier_scale``
     (s) and ``guidance_form`` are classifier guidance's, which needs ``labels``. Both kinds
@@ -370,6 +371,8 @@ def sample(
         raise ConfigError(f"eta must be in [0, 1], got {eta}")
     if eta > 0 and sampler != "ddim":
         raise ConfigError(f"eta applies to sampler 'ddim' only, not {sampler!r}")
+    if variance != "beta" and sampler != "ddpm":
+        raise ConfigError(f"variance applies to sampler 'ddpm' (ancestral) only, not {sampler!r}")
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ConfigError(f"dtype must be a floating-point torch dtype, got {dtype!r}")
     if not (len(shape) >= 1 and all(isinstance(n, int) and n >= 1 for n in shape)):
@@ -433,6 +436,31 @@ def sample_batches(
             )
 
     return batches()
+
+
+@contextmanager
+def step_progress(
+    num_batches: int, steps: int, *, description: str = "sampling", start_batch: int = 0, disable: bool = False,
+    batch_labels: Sequence[str] | None = None,
+) -> Iterator[Callback]:
+    """A progress bar over the model evaluations of ``num_batches`` sampling runs of
+    ``steps`` steps each (from batch ``start_batch`` on); yields the ``callback`` for
+    sample or sample_batches that advances it, one step a call, naming the batch in
+    progress ("batch 2/5", or its entry of ``batch_labels``)."""
+    from tqdm.auto import tqdm
+
+    labels = batch_labels or [f"batch {k + 1}/{num_batches}" for k in range(num_batches)]
+    batch = start_batch
+    with tqdm(total=num_batches * steps, initial=start_batch * steps, unit="step", desc=description,
+              disable=disable, dynamic_ncols=True) as bar:
+        def advance(info: dict[str, Any]) -> None:
+            nonlocal batch
+            if info["i"] == 0:
+                bar.set_postfix_str(labels[batch])
+                batch += 1
+            bar.update(1)
+
+        yield advance
 
 
 # --- argument checks -------------------------------------------------------------------------

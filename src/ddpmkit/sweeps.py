@@ -16,31 +16,36 @@ Samples are quantised to uint8 first, for the judge as for the FID features, so 
 both score the images a user would save.
 
 ``sweep_run`` does this for a trained run, as ``ddpm guidance-sweep`` does: the judge is
-the dataset's cached clean classifier, the reference its test split.
+the dataset's cached clean classifier, the reference its test split; besides the table and
+its plot it draws one row of samples per scale (the same noise in every row).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .checkpoint import load_trained_model
 from .choices import DEFAULT_GUIDANCE_FORM, SWEEP_KINDS, FeatureKind, GuidanceForm, SamplerName, SweepKind
-from .classifier import find_classifier, load_classifier, load_guiding_classifier
+from .classifier import classifier_provenance, find_classifier, load_classifier, load_guiding_classifier
 from .data import load_dataset
 from .errors import ConfigError
-from .fid import FeatureExtractor, Reference, compare, load_extractor, reference_features
+from .fid import FeatureExtractor, Reference, compare, fid_settings, load_extractor, reference_features, small_sample_warnings
+from .figures import save_strips
 from .guidance import check_classifier_free, class_labels, num_guided_classes, resolve_classes
-from .images import to_model_range, to_uint8
+from .images import png_text, to_model_range, to_uint8
 from .io import write_json
-from .samplers import sample_batches
+from .samplers import sample_batches, step_progress
 from .schedules import NoiseSchedule
 from .validation import check_choice
+
+# Images in each row of the samples grid: about what stays readable at the figure's width.
+GRID_ROW_IMAGES = 20
 
 
 def guidance_sweep(
@@ -62,6 +67,7 @@ def guidance_sweep(
     guide_classifier: Callable[..., torch.Tensor] | None = None,
     guidance_form: GuidanceForm = DEFAULT_GUIDANCE_FORM,
     progress: bool = True,
+    on_samples: Callable[[float, torch.Tensor], Any] | None = None,
     **sample_kwargs: Any,
 ) -> list[dict[str, float | int]]:
     """One row {scale, accuracy, fid, precision, recall, num} per guidance scale.
@@ -71,7 +77,8 @@ def guidance_sweep(
     ``guidance_form``. ``judge(images)`` gives logits of images in [-1, 1] on the model's
     device; ``reference`` holds real features from ``extractor`` (fid.py's
     reference_features). ``sample_kwargs`` (eta, variance, spacing, ...) go to ``sample``;
-    ``progress`` shows a bar over all images of all scales.
+    ``progress`` shows a bar over the sampler steps of all scales; ``on_samples(scale,
+    images)`` is given each scale's samples (uint8, in the order of class_labels).
     """
     check_choice("sweep kind", kind, SWEEP_KINDS)
     if (kind == "classifier") != (guide_classifier is not None):
@@ -80,42 +87,60 @@ def guidance_sweep(
         raise ConfigError(f"need at least one scale and one class, and per_class >= 1, got {per_class}")
     labels = class_labels(classes, per_class)
     results = []
-    bar = tqdm(total=len(scales) * len(labels), unit="img", desc=f"{kind} scale {scales[0]:g}", disable=not progress)
-    for scale in scales:
-        bar.set_description(f"{kind} scale {scale:g}")
-        if kind == "classifier-free":
-            guidance: dict[str, Any] = {"guidance_scale": scale}
-        else:
-            guidance = {"classifier": guide_classifier, "classifier_scale": scale, "guidance_form": guidance_form}
-        batches = sample_batches(
-            model, schedule, len(labels), batch_size, image_shape, seed=seed, labels=labels,
-            sampler=sampler, steps=steps, **guidance, **sample_kwargs,
-        )
-        features, predictions = _score(batches, judge, extractor, on_batch=bar.update)
-        results.append({
-            "scale": float(scale),
-            "accuracy": float((predictions == labels).double().mean()),
-            **compare(reference, features),
-            "num": len(labels),
-        })
-    bar.close()
+    num_batches = -(-len(labels) // batch_size)
+    names = [f"scale {scale:g}, batch {k + 1}/{num_batches}" for scale in scales for k in range(num_batches)]
+    with step_progress(len(names), steps or schedule.num_steps, description=kind, disable=not progress, batch_labels=names) as advance:
+        for scale in scales:
+            if kind == "classifier-free":
+                guidance: dict[str, Any] = {"guidance_scale": scale}
+            else:
+                guidance = {"classifier": guide_classifier, "classifier_scale": scale, "guidance_form": guidance_form}
+            batches = sample_batches(
+                model, schedule, len(labels), batch_size, image_shape, seed=seed, labels=labels,
+                sampler=sampler, steps=steps, callback=advance, **guidance, **sample_kwargs,
+            )
+            images, features, predictions = _score(batches, judge, extractor)
+            if on_samples is not None:
+                on_samples(float(scale), images)
+            results.append({
+                "scale": float(scale),
+                "accuracy": float((predictions == labels).double().mean()),
+                **compare(reference, features),
+                "num": len(labels),
+            })
     return results
 
 
 def _score(
     batches: Iterable[torch.Tensor], judge: Callable[[torch.Tensor], torch.Tensor], extractor: FeatureExtractor,
-    on_batch: Callable[[int], Any],
-) -> tuple[np.ndarray, torch.Tensor]:
-    """The extractor's features and the judge's predicted classes of all samples;
-    ``on_batch(n)`` after each batch of n (the progress bar)."""
-    features, predictions = [], []
+) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+    """The samples as uint8 (on the CPU), the extractor's features and the judge's predicted classes."""
+    kept, features, predictions = [], [], []
     for samples in batches:
-        on_batch(len(samples))
         images = to_uint8(samples)
+        kept.append(images.cpu())
         features.append(extractor(images.cpu()))
         with torch.inference_mode():
             predictions.append(judge(to_model_range(images)).argmax(dim=1).cpu())
-    return np.concatenate(features), torch.cat(predictions)
+    return torch.cat(kept), np.concatenate(features), torch.cat(predictions)
+
+
+@dataclass(frozen=True)
+class SweepOutput:
+    """What sweep_run wrote: the rows, the JSON table, the plot and the samples grid, and
+    fid.small_sample_warnings of the sample sizes."""
+
+    results: list[dict[str, float | int]]
+    table: Path
+    plot: Path
+    grid: Path
+    warnings: list[str]
+
+
+def sweep_outputs(out_dir: str | Path) -> tuple[Path, Path, Path]:
+    """The files sweep_run writes into out_dir: the table, its plot, the samples grid."""
+    out_dir = Path(out_dir)
+    return out_dir / "guidance-sweep.json", out_dir / "guidance-sweep.png", out_dir / "guidance-samples.png"
 
 
 def sweep_run(
@@ -135,16 +160,19 @@ def sweep_run(
     device: str | torch.device = "cpu",
     compile: bool = False,
     cpu_workers: int = 0,
+    progress: bool = True,
     **sample_kwargs: Any,
-) -> tuple[list[dict[str, float | int]], Path, Path]:
+) -> SweepOutput:
     """What ``ddpm guidance-sweep RUN`` does: ``guidance_sweep`` on a trained run, judged by
     the dataset's cached clean classifier, against the features of its test split; writes
-    ``guidance-sweep.json`` and ``guidance-sweep.png`` into ``out_dir``.
+    the files of sweep_outputs into ``out_dir``: the table with every setting that made it
+    (fid.fid_settings, the classifiers' paths and hashes), its plot, and a grid of one row
+    per scale.
 
-    Returns the rows and the two paths. The guiding classifier (kind "classifier") is
-    ``guide_classifier_path`` or the dataset's cached one (guidance.load_guiding_classifier).
-    ``features`` picks the FID feature space (fid.load_extractor); ``sample_kwargs``
-    (sampler, steps, eta, ...) go to ``sample``; ``compile`` and ``cpu_workers`` to load_trained_model.
+    The guiding classifier (kind "classifier") is ``guide_classifier_path`` or the dataset's
+    cached one (guidance.load_guiding_classifier). ``features`` picks the FID feature space
+    (fid.load_extractor); ``sample_kwargs`` (sampler, steps, eta, ...) go to ``sample``;
+    ``compile`` and ``cpu_workers`` to load_trained_model.
     """
     trained = load_trained_model(run, ema=ema, device=device, compile=compile, cpu_workers=cpu_workers)
     config = trained.config
@@ -155,26 +183,42 @@ def sweep_run(
         check_classifier_free(trained.model, max(scales, default=0.0))
     classes = resolve_classes(classes, num_guided_classes(trained.model, guide))
     judge_path = find_classifier(config.dataset)
-    judge, judge_meta = load_classifier(judge_path, device=device)
+    judge, _ = load_classifier(judge_path, device=device)
     extractor = load_extractor(features, config.dataset, device=device)
     test = load_dataset(config.dataset, "test", data_dir=config.data_dir, image_size=config.image_size,
                         channels=config.channels, seed=config.seed)
     reference = reference_features(test, extractor)
+    shown = max(1, min(per_class, GRID_ROW_IMAGES // len(classes)))
+    rows: list[torch.Tensor] = []
+
+    def keep_for_grid(scale: float, images: torch.Tensor) -> None:
+        rows.append(torch.cat([images[c * per_class : c * per_class + shown] for c in range(len(classes))]))
+
     results = guidance_sweep(
         trained.model, trained.schedule, trained.image_shape, kind=kind, scales=scales, classes=classes,
         per_class=per_class, judge=judge, extractor=extractor, reference=reference, seed=seed,
-        batch_size=batch_size, guide_classifier=guide, guidance_form=guidance_form, **sample_kwargs,
+        batch_size=batch_size, guide_classifier=guide, guidance_form=guidance_form, progress=progress,
+        on_samples=keep_for_grid, **sample_kwargs,
     )
     settings = {
-        "checkpoint": str(trained.path), "step": trained.step, "ema": trained.ema, "kind": kind,
-        "classes": classes, "per_class": per_class, "seed": seed, **sample_kwargs,
-        **({"guidance_form": guidance_form, "guide_classifier": str(guide_path)} if guide is not None else {}),
-        "judge": str(judge_path), "judge_sha256": judge_meta["weights_sha256"],
+        **fid_settings(trained, seed=seed, batch_size=batch_size, **sample_kwargs), "kind": kind, "scales": list(scales),
+        "classes": classes, "per_class": per_class,
+        **({"guidance_form": guidance_form, **classifier_provenance(guide_path, "guide_classifier")} if guide is not None else {}),
+        **classifier_provenance(judge_path, "judge"),
         "reference": reference.name, "reference_images": len(reference.features), **extractor.provenance(),
     }
-    out_dir = Path(out_dir)
-    json_path = write_guidance_sweep(results, out_dir / "guidance-sweep.json", settings=settings)
-    return results, json_path, plot_guidance_sweep(results, out_dir / "guidance-sweep.png")
+    warnings = small_sample_warnings({"samples of each scale": per_class * len(classes), reference.name: len(reference.features)},
+                                     int(reference.features.shape[1]))
+    table, plot, grid = sweep_outputs(out_dir)
+    write_guidance_sweep(results, table, settings={**settings, **({"warnings": warnings} if warnings else {})})
+    plot_guidance_sweep(results, plot, settings=settings)
+    symbol = "w" if kind == "classifier-free" else "lambda"
+    save_strips(
+        to_model_range(torch.stack(rows)), [f"class {c}" for c in classes for _ in range(shown)],
+        [f"{symbol} = {scale:g}" for scale in scales],
+        f"{kind} guidance: {shown} sample{'s' if shown > 1 else ''} of each class per scale, the same noise in every row", grid, settings=settings,
+    )
+    return SweepOutput(results, table, plot, grid, warnings)
 
 
 def format_sweep_table(results: list[dict[str, float | int]]) -> str:
@@ -192,8 +236,9 @@ def write_guidance_sweep(results: list[dict[str, float | int]], path: str | Path
     return write_json(path, {"settings": dict(settings), "results": results}, what="guidance sweep")
 
 
-def plot_guidance_sweep(results: list[dict[str, float | int]], path: str | Path) -> Path:
-    """One figure, two panels against the scale: accuracy (with precision and recall), and FID."""
+def plot_guidance_sweep(results: list[dict[str, float | int]], path: str | Path, *, settings: Mapping[str, Any] | None = None) -> Path:
+    """One figure, two panels against the scale: accuracy (with precision and recall), and FID;
+    ``settings`` into the PNG's text chunk."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -214,6 +259,6 @@ def plot_guidance_sweep(results: list[dict[str, float | int]], path: str | Path)
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, metadata=png_text(settings) if settings is not None else None)
     plt.close(figure)
     return path

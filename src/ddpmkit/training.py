@@ -45,12 +45,12 @@ from .checkpoint import (
     step_checkpoint_path,
 )
 from .classifier import find_classifier
-from .config import TrainConfig, config_from_dict
+from .config import TrainConfig, config_from_dict, differences_from_defaults
 from .data import DatasetInfo, ImageDataset, dataset_info, load_dataset
 from .errors import CheckpointError, ConfigError, DdpmError, TrainingError
-from .fid import FeatureExtractor, classifier_extractor, minibatch_fid
+from .fid import FeatureExtractor, classifier_extractor, minibatch_fid, small_sample_warnings
 from .images import image_grid, save_image_grid, to_model_range
-from .io import load_weights, write_text
+from .io import load_weights, say, write_text
 from .objectives import ddpm_loss, draw_timesteps_and_noise
 from .rng import TrainingStream, seeded_generator
 from .samplers import sample
@@ -61,7 +61,7 @@ from .validation import resolve_device
 # Changing only these keys is allowed when resuming a run; everything else would make
 # the resumed run a different experiment.
 RESUMABLE_KEYS = frozenset(
-    {"epochs", "max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "device", "sample_every_epoch", "fid_batches",
+    {"epochs", "max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "device", "preview_images", "fid_batches",
      "tensorboard", "compile", "cpu_workers"}
 )
 _PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -90,6 +90,11 @@ class TrainSummary:
     interrupted: bool
     last_checkpoint: Path | None
     val_loss: float | None
+    train_loss: float | None = None  # of the last metrics line
+    fid: float | None = None  # the last per-epoch FID
+    seconds: float = 0.0  # wall time of this session
+    stop_signal: int | None = None  # the signal that stopped an interrupted run
+    main_process: bool = True  # False on the other processes of a multi-process run
 
 
 def model_config_for(config: TrainConfig, channels: int, num_classes: int) -> UNetConfig:
@@ -177,6 +182,10 @@ class _Run:
     bar: Any
     stop: _StopFlag = field(default_factory=lambda: _StopFlag())
     val_loss: float | None = None
+    val_step: int = 0  # the step val_loss was measured at
+    train_loss: float | None = None
+    fid: float | None = None
+    started: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
         device = self.accelerator.device
@@ -283,13 +292,25 @@ def _set_up(config: TrainConfig, run_dir: Path, resume: bool, progress: bool) ->
     total_steps = config.epochs * batches_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
+    if total_steps < position.step:
+        raise ConfigError(
+            f"{run_dir} is at step {position.step}, past the {total_steps} steps that epochs {config.epochs}"
+            + (f" and max_steps {config.max_steps}" if config.max_steps is not None else "")
+            + " allow: nothing to train; resume with a larger --max-steps or --epochs"
+        )
     if main:
         remove_torn_writes(run_dir)
         write_text(run_dir / "config.json", config.to_json(), what="run config")
         _truncate_metrics(run_dir / "metrics.jsonl", position.step)
-        print(f"ddpmkit: training config\n{config.to_json()}")
-        print(
-            f"ddpmkit: {len(train_set)} train / {len(val_set)} val images, {world} process(es) x "
+        if resume:
+            say(f"resuming {run_dir} from step {position.step} (epoch {position.epoch + 1}) to step {total_steps}")
+        else:
+            say(f"training {run_dir} for {total_steps} steps ({batches_per_epoch} per epoch)")
+        changed = ", ".join(f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+                            for key, value in differences_from_defaults(config).items())
+        say(f"settings other than the defaults: {changed or 'none'} (all of them: {run_dir / 'config.json'})")
+        say(
+            f"{len(train_set)} train / {len(val_set)} val images, {world} process(es) x "
             f"{micro_batch} images x {config.grad_accum} accumulation = global batch {config.batch_size}; "
             f"lr {config.lr} (not rescaled); {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
             f"device {accelerator.device}"
@@ -328,7 +349,8 @@ def _train_epoch(run: _Run, tensorboard: Any) -> None:
         run.bar.update(1)
         if step % config.log_every == 0 or step == run.total_steps:
             mean_loss, speed = run.window.flush(run.accelerator)
-            run.bar.set_postfix(epoch=position.epoch, loss=f"{mean_loss:.4f}", img_s=f"{speed:.0f}")
+            run.train_loss = mean_loss
+            run.bar.set_postfix(epoch=position.epoch + 1, loss=f"{mean_loss:.4f}", img_s=f"{speed:.0f}")
             record = {"step": step, "epoch": position.epoch, "train_loss": mean_loss, "lr": config.lr, "images_per_s": speed}
             _log(run.main, run.run_dir, record, tensorboard)
         if run.stop.check(run.accelerator):
@@ -344,10 +366,12 @@ def _end_epoch(run: _Run, tensorboard: Any) -> None:
     line, and the epoch's checkpoint (copied to best.safetensors when the loss is the lowest)."""
     config, position, device = run.config, run.position, run.accelerator.device
     epoch = position.epoch
-    run.val_loss = validation_loss(run.accelerator, run.model_for_evaluation, run.schedule, run.val_set, config)
+    run.bar.set_description_str(f"epoch {epoch + 1}: validation loss")
+    run.val_loss, run.val_step = validation_loss(run.accelerator, run.model_for_evaluation, run.schedule, run.val_set, config), position.step
     position.epoch, position.batch_in_epoch = epoch + 1, 0
     record: dict[str, Any] = {"step": position.step, "epoch": epoch, "val_loss": run.val_loss}
-    if run.main and config.sample_every_epoch:
+    if run.main and config.preview_images:
+        run.bar.set_description_str(f"epoch {epoch + 1}: {config.preview_images} preview samples")
         grid = run.run_dir / "samples" / f"epoch-{epoch:03d}.png"
         preview = _preview_samples(run.ema_for_evaluation, run.schedule, config, run.image_shape, device)
         with _writing(grid):
@@ -357,8 +381,10 @@ def _end_epoch(run: _Run, tensorboard: Any) -> None:
             tensorboard.add_image("samples", image_grid(preview), position.step, dataformats="HWC")
     # Sampled on the main process only; the others wait at write_checkpoint's barrier.
     if run.main and run.fid_extractor is not None:
-        record["fid"] = _epoch_fid(run.ema_for_evaluation, run.schedule, run.val_set, run.fid_extractor, config, device)
+        run.bar.set_description_str(f"epoch {epoch + 1}: FID")
+        record["fid"] = run.fid = _epoch_fid(run.ema_for_evaluation, run.schedule, run.val_set, run.fid_extractor, config, device)
     _log(run.main, run.run_dir, record, tensorboard)
+    run.bar.set_description_str(f"epoch {epoch + 1}: checkpoint")
     is_best = position.best_val_loss is None or run.val_loss < position.best_val_loss
     if is_best:
         position.best_val_loss = run.val_loss
@@ -367,19 +393,35 @@ def _end_epoch(run: _Run, tensorboard: Any) -> None:
         prune_checkpoints(run.run_dir, config.keep_checkpoints)
         if is_best:
             copy_checkpoint(run.last_checkpoint, best_checkpoint_path(run.run_dir))
+        say(f"epoch {epoch + 1}: step {position.step}, validation loss {run.val_loss:.4f}"
+            + (f", FID {record['fid']:.2f}" if "fid" in record else "")
+            + (f", preview {run.run_dir / record['samples']}" if "samples" in record else ""))
+    run.bar.set_description_str("")
     run.accelerator.wait_for_everyone()
 
 
 def _finish(run: _Run) -> TrainSummary:
     run.bar.close()
+    seconds = time.perf_counter() - run.started
     if run.main:
         if run.stop.requested:
-            print(f"ddpmkit: stopped at step {run.position.step} ({run.stop.signal_name}); checkpoint {run.last_checkpoint}\n"
-                  f"ddpmkit: resume with: ddpm train --out {run.run_dir} --resume")
+            say(f"stopped at step {run.position.step} ({run.stop.signal_name}); checkpoint {run.last_checkpoint}")
         else:
-            print(f"ddpmkit: finished at step {run.position.step}; run directory {run.run_dir}")
+            at = f" (step {run.val_step})" if run.val_step != run.position.step else ""
+            scores = ([f"train loss {run.train_loss:.4f}"] if run.train_loss is not None else []) + (
+                [f"validation loss {run.val_loss:.4f}" + (f", FID {run.fid:.2f}" if run.fid is not None else "") + at]
+                if run.val_loss is not None else [])
+            say(f"finished at step {run.position.step} in {_duration(seconds)}" + (f": {', '.join(scores)}" if scores else "")
+                + f"; checkpoint {run.last_checkpoint}")
     run.accelerator.end_training()
-    return TrainSummary(run.run_dir, run.position.step, run.position.epoch, run.stop.requested, run.last_checkpoint, run.val_loss)
+    return TrainSummary(
+        run.run_dir, run.position.step, run.position.epoch, run.stop.requested, run.last_checkpoint, run.val_loss,
+        train_loss=run.train_loss, fid=run.fid, seconds=seconds, stop_signal=run.stop.signal_number, main_process=run.main,
+    )
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 class _LossWindow:
@@ -532,7 +574,7 @@ def _preview_samples(ema: torch.nn.Module, schedule: NoiseSchedule, config: Trai
     """The per-epoch sample grid, with the cheap preview sampler (logged in the config)."""
     ema.eval()
     images = sample(
-        ema, schedule, (config.sample_every_epoch, *image_shape), sampler=config.preview_sampler,
+        ema, schedule, (config.preview_images, *image_shape), sampler=config.preview_sampler,
         steps=config.preview_steps, generator=seeded_generator(config.seed, TrainingStream.PREVIEW), device=device,
     )
     return images
@@ -547,12 +589,15 @@ def _fid_extractor(config: TrainConfig, info: DatasetInfo, device: torch.device,
         path = find_classifier(config.dataset)
     except DdpmError as missing:
         if main:
-            print(f"ddpmkit: per-epoch FID off: {missing}")
+            say(f"per-epoch FID off: {missing}")
         return None
     extractor = classifier_extractor(path, device=device)
     # One blank image through it now, so that a classifier made for another image size
     # or channel count fails before training, not at the end of the first epoch.
-    extractor(torch.zeros((1, info.channels, info.image_size, info.image_size), dtype=torch.uint8))
+    feature_dim = extractor(torch.zeros((1, info.channels, info.image_size, info.image_size), dtype=torch.uint8)).shape[1]
+    if main:
+        for warning in small_sample_warnings({"per-epoch FID": config.fid_batches * config.batch_size}, feature_dim):
+            say(f"warning: {warning} (it is still comparable from epoch to epoch)")
     return extractor
 
 
@@ -626,15 +671,18 @@ def _writing(path: Path) -> Iterator[None]:
 
 
 class _StopFlag:
-    """SIGINT/SIGTERM ask for a clean stop: finish the step, checkpoint, exit 0."""
+    """SIGINT/SIGTERM ask for a clean stop: finish the step, checkpoint, return a summary
+    that names the signal (the CLI then exits 128 + its number)."""
 
     def __init__(self) -> None:
         self.requested = False
         self.signal_name = ""
+        self.signal_number: int | None = None
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
         self.signal_name = signal.Signals(signum).name
+        self.signal_number = signum
 
     @contextmanager
     def installed(self) -> Iterator[None]:
@@ -650,5 +698,6 @@ class _StopFlag:
         if accelerator.num_processes > 1:
             flag = torch.tensor(float(self.requested), device=accelerator.device)
             self.requested = bool(accelerator.reduce(flag, "sum") > 0)
-            self.signal_name = self.signal_name or "signal on another process"
+            if self.requested and self.signal_number is None:  # a termination request, as far as this process knows
+                self.signal_name, self.signal_number = "signal on another process", int(signal.SIGTERM)
         return self.requested
