@@ -16,7 +16,11 @@ Samples are quantised to uint8 first, for the judge as for the FID features, so 
 both score the images a user would save.
 
 ``sweep_run`` does this for a trained run, as ``ddpm guidance-sweep`` does: the judge is
-the dataset's cached clean classifier, the reference its test split.
+the dataset's cached clean classifier (role "features", classifier.py), the reference its
+test split. The judge and FID's features must be independent of the guide: a guide judged
+by itself scores the very inputs it pushed (adversarially) towards its class. So the
+poster form guides with another network by default (role "guide", another seed), and a
+sweep whose guiding classifier has the judge's or the feature network's weights is refused.
 """
 
 from __future__ import annotations
@@ -136,13 +140,15 @@ def sweep_run(
     compile: bool = False,
     cpu_workers: int = 0,
     **sample_kwargs: Any,
-) -> tuple[list[dict[str, float | int]], Path, Path]:
+) -> tuple[list[dict[str, float | int]], dict[str, Any], Path, Path]:
     """What ``ddpm guidance-sweep RUN`` does: ``guidance_sweep`` on a trained run, judged by
     the dataset's cached clean classifier, against the features of its test split; writes
     ``guidance-sweep.json`` and ``guidance-sweep.png`` into ``out_dir``.
 
-    Returns the rows and the two paths. The guiding classifier (kind "classifier") is
-    ``guide_classifier_path`` or the dataset's cached one (guidance.load_guiding_classifier).
+    Returns the rows, the settings (which network judged, which guided, ...; also in the
+    JSON) and the two paths. The guiding classifier (kind "classifier") is
+    ``guide_classifier_path`` or the dataset's cached one (classifier.load_guiding_classifier);
+    one with the judge's or the FID feature network's weights is refused (module docstring).
     ``features`` picks the FID feature space (fid.load_extractor); ``sample_kwargs``
     (sampler, steps, eta, ...) go to ``sample``; ``compile`` and ``cpu_workers`` to load_trained_model.
     """
@@ -150,13 +156,21 @@ def sweep_run(
     config = trained.config
     guide = guide_path = None
     if kind == "classifier":
-        guide, guide_path = load_guiding_classifier(config.dataset, guidance_form, guide_classifier_path, device=device)
+        guide, guide_path, guide_meta = load_guiding_classifier(
+            config.dataset, guidance_form, guide_classifier_path, schedule=trained.schedule, device=device
+        )
     else:
-        check_classifier_free(trained.model, max(scales, default=0.0))
+        check_classifier_free(trained.model, max(scales, default=0.0), config.label_dropout)
     classes = resolve_classes(classes, num_guided_classes(trained.model, guide))
     judge_path = find_classifier(config.dataset)
     judge, judge_meta = load_classifier(judge_path, device=device)
     extractor = load_extractor(features, config.dataset, device=device)
+    if guide is not None and guide_meta["weights_sha256"] in (judge_meta["weights_sha256"], extractor.weights_sha256):
+        raise ConfigError(
+            f"the guiding classifier {guide_path} has the weights of the judge {judge_path} or of the FID features "
+            f"(SHA-256 {guide_meta['weights_sha256'][:12]}): guided samples must not be scored by their own guide; "
+            f"guide with another network, e.g. ddpm train-classifier --dataset {config.dataset} --guide"
+        )
     test = load_dataset(config.dataset, "test", data_dir=config.data_dir, image_size=config.image_size,
                         channels=config.channels, seed=config.seed)
     reference = reference_features(test, extractor)
@@ -168,13 +182,14 @@ def sweep_run(
     settings = {
         "checkpoint": str(trained.path), "step": trained.step, "ema": trained.ema, "kind": kind,
         "classes": classes, "per_class": per_class, "seed": seed, **sample_kwargs,
-        **({"guidance_form": guidance_form, "guide_classifier": str(guide_path)} if guide is not None else {}),
+        **({"guidance_form": guidance_form, "guide_classifier": str(guide_path), "guide_sha256": guide_meta["weights_sha256"]}
+           if guide is not None else {}),
         "judge": str(judge_path), "judge_sha256": judge_meta["weights_sha256"],
         "reference": reference.name, "reference_images": len(reference.features), **extractor.provenance(),
     }
     out_dir = Path(out_dir)
     json_path = write_guidance_sweep(results, out_dir / "guidance-sweep.json", settings=settings)
-    return results, json_path, plot_guidance_sweep(results, out_dir / "guidance-sweep.png")
+    return results, settings, json_path, plot_guidance_sweep(results, out_dir / "guidance-sweep.png")
 
 
 def format_sweep_table(results: list[dict[str, float | int]]) -> str:
