@@ -203,7 +203,9 @@ def train_classifier(
 
     The report holds ``test_accuracy``: on clean test images, or, for a noisy classifier,
     on test images noised at a uniformly drawn index (seeded, the same every run); a
-    noisy classifier also gets ``accuracy_at_index`` at indices 0, T/4, T/2, 3T/4, T-1.
+    noisy classifier also gets ``accuracy_at_index`` at indices 0, T/4, T/2, 3T/4, T-1, and
+    ``schedule``, the schedule's identity (name, T, betas hash), which the returned model
+    carries too (``trained_for_schedule``).
     """
     if epochs < 1 or batch_size < 1 or not lr > 0:
         raise ConfigError(f"need epochs >= 1, batch_size >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
