@@ -14,15 +14,18 @@ from ddpmkit.classifier import (
     ClassifierConfig,
     accuracy,
     classifier_cache_dir,
+    classifier_dir_name,
     find_classifier,
     load_classifier,
+    load_guiding_classifier,
     noisy_report_indices,
     save_classifier,
     train_classifier,
 )
 from ddpmkit.data import DatasetInfo, ImageDataset
 from ddpmkit.errors import CheckpointError, ConfigError, DdpmError
-from ddpmkit.schedules import linear_schedule
+from ddpmkit.samplers import sample
+from ddpmkit.schedules import cosine_schedule, linear_schedule
 
 
 def shapes_dataset(count: int, seed: int, split: str) -> ImageDataset:
@@ -119,8 +122,8 @@ def test_training_is_deterministic_for_a_seed(trained):
 
 
 def test_noisy_classifier_reports_accuracy_along_the_chain():
-    # A short, mild chain (abar at the last index ~ 0.37), so that a few epochs learn it.
-    schedule = linear_schedule(100, beta_end=0.02)
+    # A short, mild chain (abar at the last index ~ 0.36: unscaled endpoints), so that a few epochs learn it.
+    schedule = linear_schedule(100, beta_start=1e-4, beta_end=0.02)
     model, report = train_classifier(
         shapes_dataset(300, 0, "train"), shapes_dataset(150, 1, "test"), epochs=4, batch_size=32, lr=3e-3,
         width=8, seed=0, noisy=True, schedule=schedule,
@@ -132,7 +135,7 @@ def test_noisy_classifier_reports_accuracy_along_the_chain():
     assert list(by_index) == ["0", "25", "50", "75", "99"]
     assert by_index["0"] > 0.8  # nearly clean images
     assert by_index["99"] < by_index["0"] - 0.2  # the report measures noised images
-    assert report["schedule"] == {"name": "linear", "num_steps": 100}
+    assert report["schedule"] == model.trained_for_schedule == schedule.identity()  # name, T and the betas' hash
 
 
 def test_training_arguments_are_checked():
@@ -140,9 +143,9 @@ def test_training_arguments_are_checked():
     with pytest.raises(ConfigError):
         train_classifier(data, data, epochs=0)
     with pytest.raises(ConfigError, match="noisy"):
-        train_classifier(data, data, epochs=1, schedule=linear_schedule(10))
+        train_classifier(data, data, epochs=1, schedule=linear_schedule(30))
     with pytest.raises(ConfigError, match="both a schedule and the indices"):
-        accuracy(Classifier(1, 8, num_classes=3, width=8), data, schedule=linear_schedule(10))
+        accuracy(Classifier(1, 8, num_classes=3, width=8), data, schedule=linear_schedule(30))
 
 
 # --- files and the cache -----------------------------------------------------------------------
@@ -180,10 +183,50 @@ def test_find_classifier_names_the_command_that_creates_it(trained, tmp_path, mo
     assert classifier_cache_dir() == tmp_path / "classifiers"
     with pytest.raises(DdpmError, match=r"create it with: ddpm train-classifier --dataset mnist$"):
         find_classifier("mnist")
-    with pytest.raises(DdpmError, match=r"ddpm train-classifier --dataset mnist --noisy$"):
-        find_classifier("mnist", noisy=True)
+    with pytest.raises(DdpmError, match=r"ddpm train-classifier --dataset mnist --guide$"):
+        find_classifier("mnist", "guide")
+    with pytest.raises(DdpmError, match=r"no noisy classifier for mnist and the cosine schedule, T = 50 .*--noisy --schedule cosine --num-steps 50 "):
+        find_classifier("mnist", "noisy", cosine_schedule(50))
     save_classifier(*trained, tmp_path / "classifiers" / "mnist")
     assert find_classifier("mnist") == tmp_path / "classifiers" / "mnist"
+
+
+def _noisy_classifier(report_schedule):
+    """An untrained noisy classifier and a report that records ``report_schedule`` (None: no record)."""
+    model = Classifier(1, 8, num_classes=3, width=4, time_conditioned=True)
+    return model, ({"dataset": "shapes"} if report_schedule is None else {"dataset": "shapes", "schedule": report_schedule})
+
+
+def test_noisy_classifiers_are_cached_by_schedule_and_refuse_another(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDPMKIT_CACHE", str(tmp_path))
+    schedules = {"linear": linear_schedule(50), "cosine": cosine_schedule(50)}
+    for schedule in schedules.values():
+        save_classifier(*_noisy_classifier(schedule.identity()), classifier_cache_dir() / classifier_dir_name("shapes", "noisy", schedule))
+    found = {name: find_classifier("shapes", "noisy", schedule) for name, schedule in schedules.items()}
+    assert found["linear"] != found["cosine"]  # an ablation's linear and cosine runs each find their own
+    for name, schedule in schedules.items():
+        classifier, directory, meta = load_guiding_classifier("shapes", "guided-diffusion", schedule=schedule)
+        assert directory == found[name] and classifier.trained_for_schedule == schedule.identity()
+    with pytest.raises(ConfigError, match=r"trained for the linear schedule, T = 50 \(betas \w{12}\), but the model samples "
+                                          r"with the cosine schedule, T = 50"):
+        load_guiding_classifier("shapes", "guided-diffusion", found["linear"], schedule=schedules["cosine"])
+    with pytest.raises(ConfigError, match="cosine schedule, T = 50"):  # the sampler itself checks too
+        sample(lambda x, t: 0 * x, schedules["cosine"], (2, 1, 8, 8), steps=2, labels=torch.tensor([0, 1]),
+               classifier=load_classifier(found["linear"])[0], classifier_scale=1.0)
+
+
+@pytest.mark.parametrize("record, trained_for", [
+    (None, linear_schedule(1000)),  # the first noisy classifiers: linear, T = 1000, recorded nowhere
+    ({"name": "linear", "num_steps": 50}, linear_schedule(50, 1e-4, 0.02)),  # before the 1000 / T scaling
+    ({"name": "cosine", "num_steps": 50}, cosine_schedule(50)),
+])
+def test_an_old_noisy_classifier_file_is_read_as_trained_for_the_schedule_of_its_time(record, trained_for, tmp_path, monkeypatch):
+    monkeypatch.setenv("DDPMKIT_CACHE", str(tmp_path))
+    save_classifier(*_noisy_classifier(record), classifier_cache_dir() / "shapes-noisy")  # the old, unkeyed cache folder
+    classifier, directory, _ = load_guiding_classifier("shapes", "guided-diffusion", schedule=trained_for)
+    assert directory.name == "shapes-noisy" and classifier.trained_for_schedule == trained_for.identity()
+    with pytest.raises(ConfigError, match="but the model samples with"):
+        load_guiding_classifier("shapes", "guided-diffusion", schedule=linear_schedule(40))
 
 
 def test_cache_defaults_to_the_home_folder(tmp_path, monkeypatch):

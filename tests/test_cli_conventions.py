@@ -146,7 +146,7 @@ def test_an_interrupted_command_exits_128_plus_the_signal_and_says_how_to_contin
     assert capsys.readouterr().err.splitlines()[-1] == f"ddpm: {'interrupted' if signum == signal.SIGINT else 'terminated'} ({name})"
     monkeypatch.setenv("DDPMKIT_CACHE", str(tmp_path / "cache"))
     classifier.save_classifier(classifier.Classifier(1, 8, num_classes=2, width=8), {},
-                               classifier.classifier_cache_dir() / classifier.classifier_dir_name(load_trained_model(tiny_run).config.dataset, False))
+                               classifier.classifier_cache_dir() / classifier.classifier_dir_name(load_trained_model(tiny_run).config.dataset))
     argv = ["fid", str(tiny_run), "--num", "6", "--out", str(tmp_path / "f.json"), "--no-progress", *FAST]
     assert main(argv) == 128 + signum
     assert capsys.readouterr().err.splitlines()[-1].endswith(f"({name}); resume with: ddpm " + " ".join(argv))
@@ -157,7 +157,7 @@ def test_an_interrupted_ablation_exits_130_with_one_way_to_resume(folder_dataset
     monkeypatch.setenv("DDPMKIT_CACHE", str(tmp_path / "cache"))
     dataset = f"folder:{folder_dataset}"
     classifier.save_classifier(classifier.Classifier(1, 8, num_classes=2, width=8), {"dataset": dataset},
-                               classifier.classifier_cache_dir() / classifier.classifier_dir_name(dataset, False))
+                               classifier.classifier_cache_dir() / classifier.classifier_dir_name(dataset))
     monkeypatch.setattr(ablation, "train", lambda config, run_dir, **kwargs: TrainSummary(
         run_dir, 3, 0, True, None, None, stop_signal=signal.SIGINT))
     config = tmp_path / "tiny.toml"

@@ -21,6 +21,7 @@ from ddpmkit.data import load_dataset
 from ddpmkit.fid import classifier_extractor, minibatch_fid
 from ddpmkit.metrics import frechet_distance
 from ddpmkit.rng import TrainingStream, seeded_generator
+from ddpmkit.schedules import make_schedule
 from ddpmkit.training import train
 
 TINY_TRAIN = ["--image-size", "8", "--channels", "1", "--num-steps", "50", "--base-channels", "8", "--channel-mults", "1,2",
@@ -74,7 +75,8 @@ def test_train_classifier_noisy_into_out_reports_accuracy_per_step_index(folder_
     out = capsys.readouterr().out
     assert re.findall(r"t=(\d+): ", out) == ["0", "12", "25", "37", "49"]  # ends and quarters of T = 50
     meta = json.loads((out_dir / "config.json").read_text())
-    assert meta["config"]["time_conditioned"] and meta["report"]["schedule"] == {"name": "cosine", "num_steps": 50}
+    assert meta["config"]["time_conditioned"] and meta["report"]["schedule"] == make_schedule("cosine", 50).identity()
+    assert "for the cosine schedule, T = 50 (betas " in out
     assert not (tmp_path / "cache").exists()  # --out, not the cache
     assert main(argv) == 2  # an existing --out is not overwritten
     assert "already exists" in capsys.readouterr().err
@@ -83,7 +85,7 @@ def test_train_classifier_noisy_into_out_reports_accuracy_per_step_index(folder_
 def test_train_classifier_refuses_a_schedule_without_noisy(folder_dataset, capsys):
     assert main(["train-classifier", "--dataset", _dataset(folder_dataset), "--schedule", "cosine"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("ddpm: error: --schedule and --num-steps") and err.count("\n") == 1
+    assert err.startswith("ddpm: error: --schedule, --num-steps and --for") and err.count("\n") == 1
 
 
 # --- fid ------------------------------------------------------------------------------------------

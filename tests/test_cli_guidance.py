@@ -16,9 +16,8 @@ from test_cli import TINY
 
 from ddpmkit import figures
 from ddpmkit.checkpoint import load_trained_model
-from ddpmkit.classifier import classifier_cache_dir, classifier_dir_name, load_classifier, save_classifier, train_classifier
+from ddpmkit.classifier import find_classifier, load_classifier
 from ddpmkit.cli import main
-from ddpmkit.data import load_dataset
 from ddpmkit.images import to_model_range
 from ddpmkit.io import file_sha256
 from ddpmkit.rng import seeded_generator
@@ -49,21 +48,27 @@ def conditional_run(folder_dataset, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def no_dropout_run(folder_dataset, tmp_path_factory):
+    return _train(folder_dataset, tmp_path_factory.mktemp("runs") / "no-dropout", "--max-steps", "2",
+                  "--conditional", "--label-dropout", "0")
+
+
+@pytest.fixture(scope="module")
 def unconditional_run(folder_dataset, tmp_path_factory):
     return _train(folder_dataset, tmp_path_factory.mktemp("runs") / "unconditional", "--max-steps", "2")
 
 
 @pytest.fixture(scope="module")
-def classifiers(folder_dataset, cache):
-    """A clean and a noisy classifier of the folder dataset, where find_classifier looks."""
-    dataset = f"folder:{folder_dataset}"
-    train, test = (load_dataset(dataset, split, image_size=8, channels=1) for split in ("train", "val"))
-    directories = {}
-    for noisy in (False, True):
-        schedule = make_schedule("linear", 50) if noisy else None  # the tiny runs' schedule
-        model, report = train_classifier(train, test, epochs=2, batch_size=16, width=8, noisy=noisy, schedule=schedule)
-        directories[noisy] = save_classifier(model, report, classifier_cache_dir() / classifier_dir_name(dataset, noisy))
-    return directories
+def classifiers(folder_dataset, unconditional_run, cache):
+    """The folder dataset's classifiers, made by ``ddpm train-classifier`` into the cache:
+    "features" (FID and the judge), "guide" (--guide, the poster form's) and "noisy"
+    (--noisy --for the tiny runs, which takes their schedule)."""
+    common = ["--epochs", "2", "--device", "cpu"]
+    dataset = ["--dataset", f"folder:{folder_dataset}", "--image-size", "8", "--channels", "1"]
+    for role, flags in (("features", dataset), ("guide", [*dataset, "--guide"]), ("noisy", ["--noisy", "--for", str(unconditional_run)])):
+        assert main(["train-classifier", *flags, *common]) == 0
+    found = {role: find_classifier(f"folder:{folder_dataset}", role) for role in ("features", "guide")}
+    return {**found, "noisy": find_classifier(f"folder:{folder_dataset}", "noisy", make_schedule("linear", 50))}
 
 
 def _sample(run, out, *flags):
@@ -103,10 +108,10 @@ def test_classifier_guidance_lambda_0_is_unguided_and_lambda_uses_the_cached_noi
     unguided = _sample(unconditional_run, tmp_path / "plain.png", "--num", "6")
     zero = _sample(unconditional_run, tmp_path / "zero.png", "--num", "6", "--class", "1", "--classifier-guidance", "0")
     assert np.array_equal(zero["samples"], unguided["samples"])
-    assert np.array_equal(zero["labels"], np.ones(6)) and str(zero["classifier"]) == str(classifiers[True])
+    assert np.array_equal(zero["labels"], np.ones(6)) and str(zero["classifier"]) == str(classifiers["noisy"])
 
     guided = _sample(unconditional_run, tmp_path / "guided.png", "--num", "6", "--class", "1", "--classifier-guidance", "3")
-    noisy, _ = load_classifier(classifiers[True])
+    noisy, _ = load_classifier(classifiers["noisy"])
     unet = load_trained_model(unconditional_run).model
     expected = _python_samples(unet, torch.ones(6, dtype=torch.int64), classifier=noisy, classifier_scale=3.0)
     assert np.allclose(guided["samples"], expected, atol=1e-6)
@@ -118,7 +123,7 @@ def test_classifier_guidance_lambda_0_is_unguided_and_lambda_uses_the_cached_noi
     assert np.array_equal(conditional["samples"], conditional_zero["samples"])
     poster = _sample(conditional_run, tmp_path / "p.png", "--num", "6", "--class", "0", "--classifier-guidance", "50",
                      "--guidance-form", "poster")
-    assert str(poster["classifier"]) == str(classifiers[False]) and str(poster["guidance_form"]) == "poster"
+    assert str(poster["classifier"]) == str(classifiers["guide"]) and str(poster["guidance_form"]) == "poster"
     assert not np.allclose(poster["samples"], conditional["samples"], atol=1e-3)
 
 
@@ -143,8 +148,8 @@ def test_a_grid_of_many_samples_per_class_shows_every_class_and_says_how_many(co
 
 def test_guided_samples_record_the_classifier_and_its_hash(unconditional_run, classifiers, tmp_path):
     arrays = _sample(unconditional_run, tmp_path / "g.png", "--num", "2", "--class", "1", "--classifier-guidance", "2")
-    assert str(arrays["classifier"]) == str(classifiers[True].resolve())
-    assert str(arrays["classifier_sha256"]) == file_sha256(classifiers[True] / "model.safetensors")
+    assert str(arrays["classifier"]) == str(classifiers["noisy"].resolve())
+    assert str(arrays["classifier_sha256"]) == file_sha256(classifiers["noisy"] / "model.safetensors")
     assert arrays["classes"].tolist() == [1] and float(arrays["classifier_guidance"]) == 2.0
     assert json.loads(Image.open(tmp_path / "g.png").text["ddpmkit"])["classifier_sha256"] == str(arrays["classifier_sha256"])
 
@@ -182,12 +187,15 @@ def test_class_without_per_class_fills_num_in_blocks(conditional_run, tmp_path):
     ("conditional", ["--class", "2"], "class(es) [2] out of range: the classes are 0 .. 1"),
     ("conditional", ["--guidance", "1"], "need --class"),
     ("conditional", ["--class", "1", "--classifier-guidance", "1"], "no noisy classifier for folder:"),
-    ("conditional", ["--class", "1", "--classifier-guidance", "1", "--guidance-form", "poster"], "no classifier for folder:"),
+    ("conditional", ["--class", "1", "--classifier-guidance", "1", "--guidance-form", "poster"],
+     "no guiding classifier (poster form) for folder:"),
+    ("no-dropout", ["--class", "1", "--guidance", "1"], "needs a model trained with label dropout"),
     ("conditional", ["--class", "1", "--classifier-guidance", "1", "--classifier", "{tmp}"], "holds no classifier"),
 ])
-def test_guidance_errors_are_one_line(run, flags, message, conditional_run, unconditional_run, tmp_path, monkeypatch, capsys):
+def test_guidance_errors_are_one_line(run, flags, message, conditional_run, unconditional_run, no_dropout_run, tmp_path,
+                                      monkeypatch, capsys):
     monkeypatch.setenv("DDPMKIT_CACHE", str(tmp_path / "empty-cache"))
-    run_dir = conditional_run if run == "conditional" else unconditional_run
+    run_dir = {"conditional": conditional_run, "unconditional": unconditional_run, "no-dropout": no_dropout_run}[run]
     flags = [flag.format(tmp=tmp_path) for flag in flags]
     assert main(["sample", str(run_dir), "--out", str(tmp_path / "x.png"), *SAMPLING, *flags]) == 2
     err = capsys.readouterr().err
@@ -196,7 +204,7 @@ def test_guidance_errors_are_one_line(run, flags, message, conditional_run, unco
 
 
 def test_poster_form_refuses_a_noisy_classifier(conditional_run, classifiers, tmp_path, capsys):
-    flags = ["--class", "1", "--classifier-guidance", "1", "--guidance-form", "poster", "--classifier", str(classifiers[True])]
+    flags = ["--class", "1", "--classifier-guidance", "1", "--guidance-form", "poster", "--classifier", str(classifiers["noisy"])]
     assert main(["sample", str(conditional_run), "--out", str(tmp_path / "x.png"), *SAMPLING, *flags]) == 2
     assert "time-conditioned" in capsys.readouterr().err
 
@@ -221,15 +229,15 @@ def test_guidance_sweep_end_to_end(conditional_run, classifiers, tmp_path, capsy
     assert json.loads(grid.text["ddpmkit"]) == {key: value for key, value in settings.items() if key != "warnings"}
     # The w = 0 row judges the very samples `ddpm sample` makes with the same seed and batches.
     arrays = np.load(_sample_for_sweep(conditional_run, tmp_path).with_suffix(".npz"))
-    judge, _ = load_classifier(classifiers[False])
+    judge, _ = load_classifier(classifiers["features"])
     with torch.no_grad():
         predicted = judge(to_model_range(torch.from_numpy(arrays["images"]))).argmax(dim=1).numpy()
     assert results[0]["accuracy"] == pytest.approx(float(np.mean(predicted == arrays["labels"])))
 
     assert main([*argv[:3], "classifier", *argv[4:], "--out", str(tmp_path / "cg")]) == 0
     classifier_settings = json.loads((tmp_path / "cg" / "guidance-sweep.json").read_text())["settings"]
-    assert classifier_settings["guide_classifier"] == str(classifiers[True].resolve())
-    assert classifier_settings["guide_classifier_sha256"] == file_sha256(classifiers[True] / "model.safetensors")
+    assert classifier_settings["guide_classifier"] == str(classifiers["noisy"].resolve())
+    assert classifier_settings["guide_classifier_sha256"] == file_sha256(classifiers["noisy"] / "model.safetensors")
 
 
 def _sample_for_sweep(run, tmp_path):
@@ -243,3 +251,45 @@ def test_guidance_sweep_classifier_free_needs_a_conditional_model(unconditional_
     argv = ["guidance-sweep", str(unconditional_run), "--kind", "classifier-free", "--scales", "0,1", "--out", str(tmp_path)]
     assert main(argv) == 2
     assert "needs a conditional model" in capsys.readouterr().err
+
+
+def test_a_model_trained_without_label_dropout_samples_conditionally_but_refuses_guidance(no_dropout_run, tmp_path, capsys):
+    unet = load_trained_model(no_dropout_run).model
+    plain = _sample(no_dropout_run, tmp_path / "w0.png", "--class", "1", "--num", "6")  # w = 0: allowed
+    labels = torch.ones(6, dtype=torch.int64)
+    assert np.array_equal(plain["samples"], _python_samples(lambda x, t: unet(x, t, labels[: len(x)])))
+    argv = ["guidance-sweep", str(no_dropout_run), "--kind", "classifier-free", "--scales", "0,1", "--out", str(tmp_path / "s")]
+    assert main(argv) == 2
+    assert "its 'no label' embedding is untrained" in capsys.readouterr().err
+
+
+def test_train_classifier_for_a_run_takes_its_schedule_and_a_mismatched_one_is_refused(unconditional_run, classifiers, tmp_path, capsys):
+    meta = json.loads((classifiers["noisy"] / "config.json").read_text())
+    assert meta["report"]["schedule"] == load_trained_model(unconditional_run).schedule.identity()
+    assert classifiers["noisy"].name.startswith(f"{classifiers['features'].name}-noisy-linear-50-")
+    cosine = tmp_path / "cosine"
+    assert main(["train-classifier", "--noisy", "--for", str(unconditional_run), "--schedule", "cosine"]) == 2  # --for decides
+    assert main(["train-classifier", "--dataset", json.loads((unconditional_run / "config.json").read_text())["dataset"],
+                 "--image-size", "8", "--channels", "1", "--epochs", "1", "--noisy", "--schedule", "cosine", "--num-steps", "50",
+                 "--out", str(cosine), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    flags = ["--num", "4", "--class", "1", "--classifier-guidance", "1", "--classifier", str(cosine)]
+    assert main(["sample", str(unconditional_run), "--out", str(tmp_path / "x.png"), *SAMPLING, *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "trained for the cosine schedule, T = 50" in err and "samples with the linear schedule, T = 50" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_the_poster_form_sweep_is_judged_by_another_network_than_its_guide(conditional_run, classifiers, tmp_path, capsys):
+    argv = ["guidance-sweep", str(conditional_run), "--kind", "classifier", "--guidance-form", "poster", "--scales", "0,50",
+            "--per-class", "2", "--sampler", "ddim", "--steps", "3", "--batch-size", "4"]
+    assert main([*argv, "--out", str(tmp_path / "poster")]) == 0
+    printed = capsys.readouterr().out
+    settings = json.loads((tmp_path / "poster" / "guidance-sweep.json").read_text())["settings"]
+    assert settings["judge"] == str(classifiers["features"]) and settings["guide_classifier"] == str(classifiers["guide"])
+    assert settings["judge_sha256"] != settings["guide_classifier_sha256"]
+    assert f"judged by {classifiers['features']}" in printed and f"guided by {classifiers['guide']}" in printed
+    # The judge (FID's classifier) as the guide: refused.
+    assert main([*argv, "--classifier", str(classifiers["features"]), "--out", str(tmp_path / "self")]) == 2
+    assert "must not be scored by their own guide" in capsys.readouterr().err
+    assert not (tmp_path / "self").exists()

@@ -286,9 +286,9 @@ def test_real_vs_real_of_a_split_with_itself_is_zero(tmp_path):
     assert other["splits"]["toy/train"]["fid"] > 0 and other["compared"] == "toy/test"
 
 
-def test_minibatch_fid_compares_samples_with_the_first_validation_images(device):
+def test_minibatch_fid_compares_samples_with_a_fixed_class_balanced_subset(device):
     validation = tiny_dataset("val", 40)
-    schedule = linear_schedule(20)
+    schedule = linear_schedule(30)
     extractor = mean_pool_extractor(device=device)
 
     def model(x_t, t):  # a fixed toy noise predictor
@@ -300,8 +300,44 @@ def test_minibatch_fid_compares_samples_with_the_first_validation_images(device)
 
     samples = torch.cat(list(sample_batches(model, schedule, 24, 8, (1, 8, 8), seed=7, **kwargs)))
     assert samples.device.type == device.type
-    expected = frechet_distance(extractor(validation.images[:24]), fid.generated_features(extractor, samples))
+    chosen = fid.class_balanced_indices(validation.labels, 24)
+    expected = frechet_distance(extractor(validation.images[chosen]), fid.generated_features(extractor, samples))
     assert value == pytest.approx(expected, rel=1e-9)
+
+
+def test_class_balanced_indices_take_each_class_equally_often_where_they_can():
+    labels = torch.tensor([0] * 30 + [1] * 5 + [2] * 20)
+    chosen = fid.class_balanced_indices(labels, 12)
+    assert torch.bincount(labels[chosen]).tolist() == [4, 4, 4]
+    assert chosen.tolist() == sorted(set(chosen.tolist())) and torch.equal(chosen, fid.class_balanced_indices(labels, 12))
+    more = fid.class_balanced_indices(labels, 20)
+    assert torch.bincount(labels[more]).tolist() in ([8, 5, 7], [7, 5, 8])  # class 1 has only 5
+    assert set(chosen.tolist()) != set(range(12)) and len(fid.class_balanced_indices(labels, 55)) == 55
+
+
+def test_the_per_epoch_fid_of_a_class_ordered_folder_covers_every_class(tmp_path):
+    # A folder: dataset's validation split is ordered by class; the first images are the first classes'.
+    from conftest import write_folder_dataset
+    from ddpmkit.data import load_dataset
+
+    folder = write_folder_dataset(tmp_path / "four", per_class=40, classes=("a", "b", "c", "d"))
+    validation = load_dataset(f"folder:{folder}", "val", image_size=8, channels=1)
+    assert validation.labels.tolist() == sorted(validation.labels.tolist()) and len(set(validation.labels[:8].tolist())) < 4
+    seen_images, seen_labels = [], []
+    spy = FeatureExtractor(name="spy", weights_sha256="b" * 64, device=torch.device("cpu"),
+                           network=lambda x: seen_images.append(x) or torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1))
+
+    def conditional_model(x_t, t, y):
+        seen_labels.append(y)
+        return 0.5 * x_t
+
+    minibatch_fid(conditional_model, linear_schedule(30), validation, spy, num_images=8, batch_size=4, seed=0, labelled=True,
+                  sampler="ddim", steps=1)  # one model call per batch
+    reference = seen_images[0]  # the real images come first
+    labelled_images = [(int(label), to_model_range(image)) for image, label in zip(validation.images, validation.labels)]
+    labels = [next(label for label, image in labelled_images if torch.equal(image, row)) for row in reference]
+    assert len(labels) == 8 and sorted(labels) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert torch.cat(seen_labels).tolist() == labels  # each sample drawn with its reference image's label
 
 
 # --- the FID Inception network ------------------------------------------------------------------

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ddpmkit import ConfigError, NoiseSchedule, cosine_schedule, linear_schedule, make_schedule
+from ddpmkit.schedules import schedule_before_scaling
 
 
 def test_linear_schedule_values_at_known_indices():
@@ -21,6 +22,41 @@ def test_linear_schedule_values_at_known_indices():
     assert schedule.alpha_bars[-1].item() == pytest.approx(4.0358e-05, rel=1e-3)  # DDPM's abar_T
 
 
+def test_linear_schedule_for_other_t_is_scaled_by_1000_over_t():
+    # Improved DDPM's get_named_beta_schedule("linear", T): betas linear from 1e-4 * 1000/T to
+    # 0.02 * 1000/T, so that abar_T stays near DDPM's 4.04e-5 (unscaled it is 0.08 at T = 250).
+    assert torch.equal(linear_schedule(1000).betas, torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))  # bit for bit
+    for num_steps, abar_T in ((4000, 4.25e-5), (1000, 4.036e-5), (250, 3.26e-5), (100, 2.04e-5), (50, 7.74e-6)):
+        schedule = linear_schedule(num_steps)
+        scale = 1000 / num_steps
+        assert schedule.betas[0].item() == pytest.approx(1e-4 * scale, rel=1e-12)
+        assert schedule.betas[-1].item() == pytest.approx(0.02 * scale, rel=1e-12)
+        expected = math.exp(sum(math.log1p(-scale * (1e-4 + k * (0.02 - 1e-4) / (num_steps - 1))) for k in range(num_steps)))
+        assert schedule.alpha_bars[-1].item() == pytest.approx(expected, rel=1e-9)
+        assert schedule.alpha_bars[-1].item() == pytest.approx(abar_T, rel=2e-3)
+        assert make_schedule("linear", num_steps).identity() == schedule.identity()
+    # Given endpoints are not scaled (diffusers' linear schedule, which never scales).
+    unscaled = linear_schedule(250, 1e-4, 0.02)
+    assert unscaled.alpha_bars[-1].item() == pytest.approx(0.0797, rel=1e-3)  # the issue's 0.08: 28% of the signal left
+    assert torch.equal(schedule_before_scaling("linear", 250).betas, unscaled.betas)
+    assert torch.equal(schedule_before_scaling("cosine", 250).betas, cosine_schedule(250).betas)
+    # T <= 20 would give beta_T >= 1: refused, unless the endpoints are given.
+    assert linear_schedule(21).betas[-1].item() == pytest.approx(0.02 * 1000 / 21)
+    with pytest.raises(ConfigError, match=r"needs T >= 21 \(T = 20 gives beta_T = 1\)"):
+        linear_schedule(20)
+    assert linear_schedule(20, 1e-4, 0.02).num_steps == 20
+
+
+def test_identity_names_the_schedule_and_hashes_its_betas():
+    import hashlib
+
+    identity = linear_schedule().identity()
+    assert identity == {"name": "linear", "num_steps": 1000,
+                        "betas_sha256": hashlib.sha256(linear_schedule().betas.numpy().tobytes()).hexdigest()}
+    assert identity["betas_sha256"] != linear_schedule(1000, 1e-4, 0.021).identity()["betas_sha256"]
+    assert cosine_schedule(50).identity()["name"] == "cosine"
+
+
 def test_cosine_schedule_follows_nichol_dhariwal_eq_17():
     schedule = cosine_schedule()
     f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
@@ -32,7 +68,7 @@ def test_cosine_schedule_follows_nichol_dhariwal_eq_17():
 
 
 def test_alphas_and_alpha_bars_prev():
-    schedule = linear_schedule(10)
+    schedule = linear_schedule(30)
     assert torch.allclose(schedule.alphas, 1 - schedule.betas)
     assert schedule.alpha_bars_prev[0].item() == 1.0
     assert torch.equal(schedule.alpha_bars_prev[1:], schedule.alpha_bars[:-1])
@@ -104,6 +140,8 @@ def test_respace_keeps_alpha_bars_at_kept_steps():
     [
         lambda: linear_schedule(0),
         lambda: linear_schedule(10, beta_start=0.03, beta_end=0.02),
+        lambda: linear_schedule(10, beta_start=0.03, beta_end=1.0),
+        lambda: linear_schedule(10),
         lambda: cosine_schedule(10, s=-1),
         lambda: make_schedule("quadratic"),
         lambda: NoiseSchedule(torch.tensor([0.5, 1.0])),

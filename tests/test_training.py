@@ -95,12 +95,123 @@ def test_invalid_setups_are_refused_before_any_data_loads(folder_dataset, tmp_pa
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
 
 
-def test_conditional_training_uses_labels(folder_dataset, tmp_path):
-    run = tmp_path / "run"
-    train(tiny_config(folder_dataset, conditional=True, max_steps=3), run, progress=False)
-    trained = load_trained_model(run)
-    assert trained.model.null_label == 2  # two classes + the "no label" slot
+def _labels_the_model_saw(folder_dataset, tmp_path, monkeypatch, label_dropout):
+    """Train a conditional tiny model for 8 steps of 40 images; every training call of the
+    loss records (true label of each image, label the model got), matched by image."""
+    from ddpmkit import training
+    from ddpmkit.data import load_dataset
+    from ddpmkit.images import to_uint8
 
+    train_set = load_dataset(f"folder:{folder_dataset}", "train", image_size=8, channels=1)
+    label_of_image = {image.numpy().tobytes(): int(label) for image, label in zip(train_set.images, train_set.labels)}
+    seen = []
+    ddpm_loss = training.ddpm_loss
+
+    def spy(model, schedule, x0, t, noise, labels=None, **kwargs):
+        if torch.is_grad_enabled():  # training, not validation
+            seen.extend((label_of_image[image.numpy().tobytes()], int(given)) for image, given in zip(to_uint8(x0), labels))
+        return ddpm_loss(model, schedule, x0, t, noise, labels, **kwargs)
+
+    monkeypatch.setattr(training, "ddpm_loss", spy)
+    config = tiny_config(folder_dataset, conditional=True, label_dropout=label_dropout, batch_size=40, epochs=8,
+                         preview_images=0)
+    train(config, tmp_path / f"run-{label_dropout}", progress=False)
+    assert len(seen) == 8 * 40
+    return seen
+
+
+def test_labels_reach_the_model_and_are_dropped_at_the_rate_asked_for(folder_dataset, tmp_path, monkeypatch):
+    from ddpmkit.unet import NO_LABEL
+
+    kept = _labels_the_model_saw(folder_dataset, tmp_path, monkeypatch, 0.0)
+    assert all(given == true for true, given in kept)  # every image with its own label
+    seen = _labels_the_model_saw(folder_dataset, tmp_path, monkeypatch, 0.3)
+    dropped = sum(given == NO_LABEL for _, given in seen)
+    assert all(given in (true, NO_LABEL) for true, given in seen)
+    # Binomial(320, 0.3): mean 96, sd 8.2; within 4 sd.
+    assert abs(dropped - 0.3 * 320) < 4 * (320 * 0.3 * 0.7) ** 0.5, dropped
+
+
+def test_the_ema_weights_follow_the_warmed_up_average_step_by_step(folder_dataset, tmp_path):
+    # ema_k = d_k ema_{k-1} + (1 - d_k) model_k with d_k = min(decay, (1 + k) / (10 + k)), from
+    # ema_0 = the initial weights; decay 0.3 is reached at step 3 (d_1 = 2/11, d_2 = 1/4).
+    from ddpmkit.checkpoint import step_checkpoint_path
+    from ddpmkit.training import model_config_for
+    from ddpmkit.unet import UNet
+
+    config = tiny_config(folder_dataset, ema_decay=0.3, max_steps=4, checkpoint_every=1, keep_checkpoints=10)
+    run = tmp_path / "run"
+    train(config, run, progress=False)
+    torch.manual_seed(config.seed)
+    ema = {name: value.double() for name, value in UNet.from_config(model_config_for(config, 1, 2)).state_dict().items()}
+    for step in range(1, 5):
+        decay = min(0.3, (1 + step) / (10 + step))
+        checkpoint = load_checkpoint(step_checkpoint_path(run, step))
+        ema = {name: decay * value + (1 - decay) * checkpoint.model[name].double() for name, value in ema.items()}
+        for name, value in ema.items():
+            torch.testing.assert_close(checkpoint.ema[name].double(), value, rtol=0, atol=1e-6, msg=f"{name} at step {step}")
+
+
+def test_best_checkpoint_is_chosen_by_the_validation_loss_of_the_ema_weights(folder_dataset, tmp_path, monkeypatch):
+    from ddpmkit import training
+    from ddpmkit.checkpoint import best_checkpoint_path
+
+    losses = {"raw": iter([3.0, 2.0, 1.0]), "EMA": iter([1.0, 3.0, 2.0])}  # per epoch: raw best last, EMA best first
+
+    def scripted(accelerator, model, *args):
+        return next(losses["raw" if next(model.parameters()).requires_grad else "EMA"])
+
+    monkeypatch.setattr(training, "validation_loss", scripted)
+    run = tmp_path / "run"
+    train(tiny_config(folder_dataset, epochs=3, preview_images=0), run, progress=False)
+    epochs = [r for r in _metrics(run) if "val_loss" in r]
+    assert [(r["val_loss"], r["val_loss_ema"]) for r in epochs] == [(3.0, 1.0), (2.0, 3.0), (1.0, 2.0)]
+    assert load_checkpoint(best_checkpoint_path(run)).state["step"] == epochs[0]["step"] == 5
+
+
+def test_the_fp16_loss_scale_goes_into_the_checkpoint_and_back():
+    # No GPU here, so no fp16 run: the helpers that write_checkpoint and a resume call, on
+    # torch's CPU GradScaler, through the JSON a checkpoint stores.
+    from types import SimpleNamespace
+
+    from ddpmkit.training import _grad_scaler_state, _restore_grad_scaler
+
+    trained = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=3)
+    trained.scale(torch.ones(()))  # creates the scale
+    for found_inf in (1.0, 0.0, 0.0):  # one overflow halves the scale; then two good steps of growth_interval 3
+        # What scaler.step(optimizer) leaves for update() to read.
+        trained._per_optimizer_states[0] = {"stage": 2, "found_inf_per_device": {torch.device("cpu"): torch.tensor(found_inf)}}
+        trained.update()
+    state = json.loads(json.dumps(_grad_scaler_state(SimpleNamespace(scaler=trained))))
+    resumed = SimpleNamespace(scaler=torch.amp.GradScaler("cpu"))
+    _restore_grad_scaler(resumed, state)
+    assert trained.get_scale() == resumed.scaler.get_scale() == 2.0**15
+    assert resumed.scaler._get_growth_tracker() == trained._get_growth_tracker() == 2
+    assert _grad_scaler_state(SimpleNamespace(scaler=None)) == {}  # fp32 and bf16 runs have no scaler
+
+
+def test_a_conditional_model_s_previews_and_fid_are_sampled_with_labels_spread_over_the_classes(folder_dataset, tmp_path, monkeypatch):
+    from ddpmkit import training
+
+    calls = []
+    sample = training.sample
+
+    def spy(model, schedule, shape, **kwargs):
+        calls.append(None if kwargs.get("labels") is None else kwargs["labels"].tolist())
+        assert not any(module.training for module in model.modules())  # the EMA weights, in eval mode (no dropout)
+        return sample(model, schedule, shape, **kwargs)
+
+    monkeypatch.setattr(training, "sample", spy)
+    for dropout in (0.0, 0.2):
+        calls.clear()
+        run = tmp_path / f"run-{dropout}"
+        train(tiny_config(folder_dataset, conditional=True, label_dropout=dropout, dropout=0.1, epochs=1), run, progress=False)
+        expected = [[0, 0, 1, 1]] + ([None] if dropout else [])  # 4 preview images of 2 classes; "no label" with dropout only
+        assert calls == expected
+        [epoch] = [r for r in _metrics(run) if "val_loss" in r]
+        assert (epoch["samples"], epoch.get("samples_unconditional")) == (
+            "samples/epoch-000.png", "samples/epoch-000-unconditional.png" if dropout else None)
+        assert epoch["preview_labels"].startswith("spread over the 2 classes")
 
 
 def test_the_ema_update_records_no_autograd_history():
@@ -121,3 +232,33 @@ def test_the_ema_update_records_no_autograd_history():
         _update_ema(ema, model, 0.999, step)
     assert all(not p.requires_grad and p.grad_fn is None for p in ema.parameters())
     assert all(not torch.equal(p, old) for p, old in zip(ema.parameters(), before))  # it did update
+
+
+def test_a_checkpoint_records_its_schedule_and_one_from_before_loads_unscaled(folder_dataset, tmp_path):
+    from ddpmkit.checkpoint import save_checkpoint
+    from ddpmkit.schedules import linear_schedule, make_schedule
+
+    run = tmp_path / "run"
+    config = tiny_config(folder_dataset, max_steps=2, preview_images=0)  # linear, T = 50
+    train(config, run, progress=False)
+    path = latest_checkpoint(run)
+    checkpoint = load_checkpoint(path)
+    assert checkpoint.state["schedule"] == make_schedule("linear", 50).identity()
+    assert torch.equal(load_trained_model(run).schedule.betas, linear_schedule(50).betas)
+
+    def rewrite(state):
+        save_checkpoint(path, model=checkpoint.model, ema=checkpoint.ema, optimizer=checkpoint.optimizer,
+                        rng_states=checkpoint.rng_states, config=checkpoint.config, state=state)
+
+    # A checkpoint from before the 1000 / T scaling: its model was trained on betas 1e-4 .. 0.02.
+    rewrite({key: value for key, value in checkpoint.state.items() if key != "schedule"})
+    unscaled = linear_schedule(50, 1e-4, 0.02)
+    assert torch.equal(load_trained_model(run).schedule.betas, unscaled.betas)
+    train(config.replace(max_steps=4), run, resume=True, progress=False)  # resumed, it keeps that schedule
+    resumed = load_checkpoint(latest_checkpoint(run))
+    assert resumed.state["step"] == 4 and resumed.state["schedule"] == unscaled.identity()
+    assert torch.equal(load_trained_model(run).schedule.betas, unscaled.betas)
+
+    rewrite({**checkpoint.state, "schedule": {**checkpoint.state["schedule"], "betas_sha256": "0" * 64}})
+    with pytest.raises(CheckpointError, match="whose betas .* this ddpmkit does not build"):
+        load_trained_model(path)

@@ -32,7 +32,7 @@ from .batch_threads import BatchThreads, resolve_cpu_workers
 from .config import TrainConfig, config_from_dict
 from .errors import CheckpointError
 from .io import load_weights, write_atomically
-from .schedules import NoiseSchedule
+from .schedules import NoiseSchedule, schedule_before_scaling
 from .unet import UNet, UNetConfig
 
 FORMAT = "ddpmkit-checkpoint-1"
@@ -48,7 +48,7 @@ class Checkpoint:
     optimizer: dict[str, Any] | None
     rng_states: dict[str, torch.Tensor]  # torch's global generator states: "cpu", "cuda"
     config: dict[str, Any]
-    state: dict[str, Any]  # step, epoch, batch_in_epoch, best_val_loss, ...
+    state: dict[str, Any]  # step, epoch, batch_in_epoch, best_ema_val_loss, schedule, ...
     version: str
     path: Path
 
@@ -227,6 +227,34 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def checkpoint_schedule(checkpoint: Checkpoint, config: TrainConfig) -> NoiseSchedule:
+    """The noise schedule the checkpoint's model was trained with: the schedule its config
+    names whose betas hash its state records (``NoiseSchedule.identity``), as ddpmkit builds
+    it now or built it before the linear schedule was scaled by 1000 / T (a run resumed
+    from then keeps its schedule); for a checkpoint from before that record, the latter."""
+    schedule = config.noise_schedule()
+    if config.beta_start is not None:  # explicit endpoints (an imported model): never scaled
+        return schedule
+    record = checkpoint.state.get("schedule")
+    before_scaling = schedule_before_scaling(config.schedule, config.num_steps)
+    if record is None or before_scaling.identity()["betas_sha256"] == record.get("betas_sha256"):
+        return before_scaling
+    if schedule.identity()["betas_sha256"] == record.get("betas_sha256"):
+        return schedule
+    raise CheckpointError(
+        f"{checkpoint.path} was trained with a {config.schedule} schedule of T = {config.num_steps} whose betas "
+        f"(SHA-256 {str(record.get('betas_sha256'))[:12]}) this ddpmkit does not build"
+    )
+
+
+def load_run_schedule(path: str | Path) -> tuple[TrainConfig, NoiseSchedule]:
+    """The config and noise schedule of a run's latest checkpoint (or of a checkpoint file),
+    without building its model: what ``ddpm train-classifier --noisy --for RUN`` trains for."""
+    checkpoint = load_checkpoint(resolve_checkpoint(path))
+    config = config_from_dict(checkpoint.config, source=str(checkpoint.path))
+    return config, checkpoint_schedule(checkpoint, config)
+
+
 @dataclass
 class TrainedModel:
     """A model loaded for sampling or evaluation, with what is needed to describe it."""
@@ -265,13 +293,14 @@ def load_trained_model(
     """
     checkpoint = load_checkpoint(resolve_checkpoint(path))
     config, model_config, image_size = model_description(checkpoint)
+    schedule = checkpoint_schedule(checkpoint, config)
     model = UNet.from_config(model_config)
     load_weights(model, checkpoint.ema if ema else checkpoint.model, source=f"{checkpoint.path} ({'EMA' if ema else 'raw'} weights)")
     model.to(device).eval().requires_grad_(False)
     workers = resolve_cpu_workers(cpu_workers, on_cpu=torch.device(device).type == "cpu", compile=compile)
     return TrainedModel(
         model=torch.compile(model) if compile else BatchThreads(model, workers) if workers > 1 else model,
-        schedule=config.noise_schedule(),
+        schedule=schedule,
         config=config,
         image_shape=(model_config.in_channels, image_size, image_size),
         path=checkpoint.path,

@@ -8,7 +8,8 @@ know every choice without importing torch. Each choice is documented where it is
 * ``GuidanceForm``: the two forms of classifier guidance (guidance.py);
 * ``FeatureKind``: the FID feature networks (fid.py); ``SweepKind``: guidance sweeps (sweeps.py);
 * ``Split``: dataset splits (data.py); ``Precision``, ``Device``: training (config.py);
-* ``AttentionSwitch``: the ablation's attention axis (ablation.py).
+* ``AttentionSwitch``: the ablation's attention axis (ablation.py);
+* ``ClassifierRole``: what a cached classifier is for (classifier.py).
 
 Also here, for the same reason: the few defaults and file names that help texts show.
 """
@@ -28,6 +29,7 @@ Split = Literal["train", "val", "test"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Device = Literal["auto", "cpu", "cuda"]
 AttentionSwitch = Literal["on", "off"]
+ClassifierRole = Literal["features", "guide", "noisy"]
 
 SCHEDULE_NAMES: tuple[str, ...] = get_args(ScheduleName)
 SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)
@@ -39,6 +41,7 @@ SWEEP_KINDS: tuple[str, ...] = get_args(SweepKind)
 SPLITS: tuple[str, ...] = get_args(Split)
 DEVICES: tuple[str, ...] = get_args(Device)
 ATTENTION_SWITCHES: tuple[str, ...] = get_args(AttentionSwitch)
+CLASSIFIER_ROLES: tuple[str, ...] = get_args(ClassifierRole)
 
 # Lin et al. 2024: a sampler must start at the last step T; "trailing" does for any
 # number of steps. Provisional: a FID benchmark is to choose the default.

@@ -10,9 +10,22 @@ Two uses, one network:
   Nichol 2021, section 4); the step enters as a sinusoidal embedding of the int64 step
   index (the index convention of schedules.py), added to every block's feature maps.
 
-Trained classifiers live in ``classifier_cache_dir()/<dataset>[-noisy]/`` as
-``model.safetensors`` plus ``config.json`` (constructor arguments, training report and the
-weights file's SHA-256, which FID results quote to say which feature space they used).
+Trained classifiers live in ``classifier_cache_dir()/<folder>/`` as ``model.safetensors``
+plus ``config.json`` (constructor arguments, training report and the weights file's SHA-256,
+which FID results quote to say which feature space they used), one folder per role
+(``classifier_dir_name``):
+
+* "features": ``<dataset>/``, seed 0: FID's feature network, and the judge of guidance sweeps;
+* "guide": ``<dataset>-guide/``, seed GUIDE_SEED: a second clean classifier, the poster form's
+  guide, so that guided samples are never judged (or their FID measured) by their own guide;
+* "noisy": ``<dataset>-noisy-<schedule>-<T>-<betas hash>/``: the time-conditioned guide of the
+  guided-diffusion form, one per noise schedule. It records the schedule it was trained for
+  (``NoiseSchedule.identity``), and guidance refuses a model of another schedule, whose x_t
+  it would classify at the wrong noise level (guidance.check_classifier_schedule). Files of
+  noisy classifiers from before that record are read as trained for the schedule their
+  report names, as ddpmkit built it then (schedules.schedule_before_scaling), or linear
+  with T = 1000 where the report names none; the old cache folder ``<dataset>-noisy/`` is
+  still found.
 """
 
 from __future__ import annotations
@@ -32,15 +45,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .choices import DEFAULT_CLASSIFIER_EPOCHS, GUIDANCE_FORMS, GuidanceForm
+from .choices import CLASSIFIER_ROLES, DEFAULT_CLASSIFIER_EPOCHS, GUIDANCE_FORMS, ClassifierRole, GuidanceForm
 from .data import FOLDER_PREFIX, ImageDataset, load_dataset
 from .errors import CheckpointError, ConfigError, DdpmError
-from .guidance import check_time_conditioning
+from .guidance import check_classifier_schedule, check_time_conditioning, describe_schedule
 from .images import to_model_range
 from .io import cache_root, file_sha256, load_weights, safe_name, write_atomically, write_json
 from .objectives import draw_timesteps_and_noise
 from .rng import ClassifierStream, seeded_generator
-from .schedules import NoiseSchedule, linear_schedule
+from .schedules import NoiseSchedule, linear_schedule, schedule_before_scaling
 from .unet import group_norm, timestep_embedding
 from .validation import check_choice
 
@@ -48,6 +61,7 @@ FORMAT = "ddpmkit-classifier-1"
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "config.json"
 FEATURE_DIM = 128  # width of the penultimate layer: the FID feature space
+GUIDE_SEED = 1  # the "guide" role's training seed; the "features" classifier (the judge) has seed 0
 
 
 @dataclass(frozen=True)
@@ -109,6 +123,9 @@ class Classifier(nn.Module):
     ) -> None:
         super().__init__()
         self.config = ClassifierConfig(in_channels, image_size, num_classes, width, time_conditioned)
+        # A noisy classifier's NoiseSchedule.identity(), set by train_classifier and
+        # load_classifier; guidance.check_classifier_schedule compares it with the model's.
+        self.trained_for_schedule: dict[str, Any] | None = None
         embedding_dim = 4 * width if time_conditioned else None
         if time_conditioned:
             # As the UNet's: sinusoidal embedding of the index, then a small MLP.
@@ -189,7 +206,9 @@ def train_classifier(
 
     The report holds ``test_accuracy``: on clean test images, or, for a noisy classifier,
     on test images noised at a uniformly drawn index (seeded, the same every run); a
-    noisy classifier also gets ``accuracy_at_index`` at indices 0, T/4, T/2, 3T/4, T-1.
+    noisy classifier also gets ``accuracy_at_index`` at indices 0, T/4, T/2, 3T/4, T-1, and
+    ``schedule``, the schedule's identity (name, T, betas hash), which the returned model
+    carries too (``trained_for_schedule``).
     """
     if epochs < 1 or batch_size < 1 or not lr > 0:
         raise ConfigError(f"need epochs >= 1, batch_size >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
@@ -245,7 +264,7 @@ def train_classifier(
     if noisy:
         test_generator = seeded_generator(seed, ClassifierStream.TEST_STEPS)
         uniform = torch.randint(0, schedule.num_steps, (len(test),), generator=test_generator)
-        report["schedule"] = {"name": schedule.name, "num_steps": schedule.num_steps}
+        report["schedule"] = model.trained_for_schedule = schedule.identity()
         report["test_accuracy"] = accuracy(model, test, schedule=schedule, t=uniform, seed=seed)
         report["accuracy_at_index"] = {
             str(index): accuracy(model, test, schedule=schedule, t=torch.full((len(test),), index), seed=seed)
@@ -319,7 +338,7 @@ def classifier_splits(
 def train_and_cache_classifier(
     dataset: str,
     *,
-    noisy: bool = False,
+    role: ClassifierRole = "features",
     data_dir: str | Path | None = None,
     image_size: int | None = None,
     channels: int | None = None,
@@ -328,15 +347,22 @@ def train_and_cache_classifier(
     out: str | Path | None = None,
     **training: Any,
 ) -> tuple[Path, dict[str, Any]]:
-    """What ``ddpm train-classifier --dataset NAME`` does: train on classifier_splits,
-    then save into ``out``, by default where ``find_classifier`` looks. Returns the
-    directory and the report.
+    """What ``ddpm train-classifier --dataset NAME`` does: train the classifier of ``role``
+    (module docstring; "noisy" for ``schedule``, default linear with T = 1000) on
+    classifier_splits, then save into ``out``, by default where ``find_classifier`` looks.
+    Returns the directory and the report.
 
-    ``training`` goes to train_classifier (epochs, batch_size, lr, seed, width).
+    ``training`` goes to train_classifier (epochs, batch_size, lr, width; the seed is the role's).
     """
+    check_choice("classifier role", role, CLASSIFIER_ROLES)
+    if role == "noisy" and schedule is None:
+        schedule = linear_schedule()
     train, test = classifier_splits(dataset, data_dir=data_dir, image_size=image_size, channels=channels)
-    model, report = train_classifier(train, test, noisy=noisy, schedule=schedule, device=device, **training)
-    directory = Path(out) if out is not None else classifier_cache_dir() / classifier_dir_name(dataset, noisy)
+    model, report = train_classifier(
+        train, test, noisy=role == "noisy", schedule=schedule, device=device, seed=GUIDE_SEED if role == "guide" else 0, **training
+    )
+    report["role"] = role
+    directory = Path(out) if out is not None else classifier_cache_dir() / classifier_dir_name(dataset, role, schedule)
     save_classifier(model, report, directory)
     return directory, report
 
@@ -385,37 +411,79 @@ def load_classifier(path: str | Path, *, device: str | torch.device = "cpu") -> 
         raise CheckpointError(f"{weights} is not a readable safetensors file ({exc})") from None
     model = Classifier.from_config(config)
     load_weights(model, state, source=str(weights))
+    if config.time_conditioned:
+        model.trained_for_schedule = _recorded_schedule(meta["report"])
     return model.to(device).eval(), meta
+
+
+def _recorded_schedule(report: dict[str, Any]) -> dict[str, Any]:
+    """The schedule identity a noisy classifier's report records; for a file from before the
+    betas hash was recorded, that of the schedule it names as ddpmkit built it then, linear
+    with T = 1000 (the only schedule of the first noisy classifiers) where it names none."""
+    record = report.get("schedule") or {"name": "linear", "num_steps": 1000}
+    if "betas_sha256" in record:
+        return record
+    return schedule_before_scaling(record["name"], int(record["num_steps"])).identity()
 
 
 def classifier_cache_dir() -> Path:
     return cache_root() / "classifiers"
 
 
-def classifier_dir_name(dataset: str, noisy: bool) -> str:
-    return safe_name(dataset) + ("-noisy" if noisy else "")
+def classifier_dir_name(dataset: str, role: ClassifierRole = "features", schedule: NoiseSchedule | None = None) -> str:
+    """The cache folder of ``dataset``'s classifier of ``role``; a noisy one's names its schedule."""
+    check_choice("classifier role", role, CLASSIFIER_ROLES)
+    if (role == "noisy") != (schedule is not None):
+        raise ConfigError("a noisy classifier's folder is named by its schedule, and only a noisy one's")
+    if role == "noisy":
+        identity = schedule.identity()
+        return f"{safe_name(dataset)}-noisy-{identity['name']}-{identity['num_steps']}-{identity['betas_sha256'][:12]}"
+    return safe_name(dataset) + ("-guide" if role == "guide" else "")
 
 
-def find_classifier(dataset: str, noisy: bool = False) -> Path:
-    """The cached classifier directory of ``dataset``, or an error naming the command that creates it."""
-    directory = classifier_cache_dir() / classifier_dir_name(dataset, noisy)
+def find_classifier(dataset: str, role: ClassifierRole = "features", schedule: NoiseSchedule | None = None) -> Path:
+    """The cached classifier directory of ``dataset`` and ``role`` (a noisy one: for
+    ``schedule``), or an error naming the command that creates it."""
+    directory = classifier_cache_dir() / classifier_dir_name(dataset, role, schedule)
+    legacy = classifier_cache_dir() / f"{safe_name(dataset)}-noisy"  # before the cache was keyed by schedule
+    if role == "noisy" and not (directory / META_FILE).is_file() and (legacy / META_FILE).is_file():
+        return legacy
     if not (directory / META_FILE).is_file():
-        command = f"ddpm train-classifier --dataset {dataset}" + (" --noisy" if noisy else "")
-        kind = "noisy classifier" if noisy else "classifier"
-        raise DdpmError(f"no {kind} for {dataset} in {directory}; create it with: {command}")
+        command = f"ddpm train-classifier --dataset {dataset}"
+        what = {"features": "classifier", "guide": "guiding classifier (poster form)", "noisy": "noisy classifier"}[role]
+        what += f" for {dataset}"
+        if role == "noisy":
+            identity = schedule.identity()
+            command += f" --noisy --schedule {identity['name']} --num-steps {identity['num_steps']} (or --noisy --for RUN)"
+            what += f" and the {describe_schedule(identity)}"
+        elif role == "guide":
+            command += " --guide"
+        raise DdpmError(f"no {what} in {directory}; create it with: {command}")
     return directory
 
 
 def load_guiding_classifier(
-    dataset: str, form: GuidanceForm, path: str | Path | None = None, *, device: str | torch.device = "cpu"
-) -> tuple[Classifier, Path]:
-    """The classifier that guides in ``form``, and where it was read from: ``path``, else the
-    dataset's cached one, noisy (time-conditioned) for "guided-diffusion", clean for "poster"."""
+    dataset: str,
+    form: GuidanceForm,
+    path: str | Path | None = None,
+    *,
+    schedule: NoiseSchedule,
+    device: str | torch.device = "cpu",
+) -> tuple[Classifier, Path, dict[str, Any]]:
+    """The classifier that guides a model of ``schedule`` in ``form``, where it was read from,
+    and its config.json contents: ``path``, else the dataset's cached one, "noisy" (for that
+    schedule) in the "guided-diffusion" form, "guide" in the "poster" form."""
     check_choice("guidance_form", form, GUIDANCE_FORMS)
-    directory = Path(path) if path is not None else find_classifier(dataset, noisy=form == "guided-diffusion")
-    classifier, _ = load_classifier(directory, device=device)
+    if path is not None:
+        directory = Path(path)
+    elif form == "guided-diffusion":
+        directory = find_classifier(dataset, "noisy", schedule)
+    else:
+        directory = find_classifier(dataset, "guide")
+    classifier, meta = load_classifier(directory, device=device)
     check_time_conditioning(classifier, form)
-    return classifier, directory
+    check_classifier_schedule(classifier, schedule)
+    return classifier, directory, meta
 
 
 def classifier_provenance(path: str | Path, role: str = "classifier") -> dict[str, str]:

@@ -413,7 +413,8 @@ def _add_guiding_classifier_flags(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--classifier", type=Path, default=None, metavar="PATH",
                         help="guiding classifier directory (default: the cached one of the run's dataset, "
-                             "noisy for form guided-diffusion, clean for poster; see ddpm train-classifier)")
+                             "noisy for the run's schedule in form guided-diffusion, the clean guide (--guide) in form "
+                             "poster; see ddpm train-classifier)")
     parser.add_argument("--guidance-form", default=DEFAULT_GUIDANCE_FORM, choices=GUIDANCE_FORMS,
                         help="guided-diffusion: a noisy classifier p(y | x_t, t) (default); poster: a clean classifier "
                              "p(y | x_t), no sqrt(1 - abar_t) factor, typical lambda 200")
@@ -454,13 +455,15 @@ def _guidance_options(args: argparse.Namespace, trained: Any, device: str) -> tu
         raise ConfigError(f"--guidance must be >= 0 (0: plain conditional sampling), got {args.guidance}")
     if args.classifier_guidance is not None and not 0 <= args.classifier_guidance < float("inf"):
         raise ConfigError(f"--classifier-guidance must be finite and >= 0, got {args.classifier_guidance}")
-    check_classifier_free(trained.model, args.guidance)
+    check_classifier_free(trained.model, args.guidance, trained.config.label_dropout)
     options: dict[str, Any] = {"guidance_scale": args.guidance}
     conditional = is_conditional(trained.model)
     record: dict[str, Any] = {"guidance": args.guidance} if conditional else {}  # w is a conditional model's
     classifier = None
     if args.classifier_guidance is not None:
-        classifier, path = load_guiding_classifier(trained.config.dataset, args.guidance_form, args.classifier, device=device)
+        classifier, path, _ = load_guiding_classifier(
+            trained.config.dataset, args.guidance_form, args.classifier, schedule=trained.schedule, device=device
+        )
         options.update(classifier=classifier, classifier_scale=args.classifier_guidance, guidance_form=args.guidance_form)
         record.update(classifier_guidance=args.classifier_guidance, guidance_form=args.guidance_form, **classifier_provenance(path))
     classes = resolve_classes(args.classes, num_guided_classes(trained.model, classifier))
@@ -484,8 +487,9 @@ def _add_guidance_sweep_command(commands: Any) -> None:
     sweep = commands.add_parser(
         "guidance-sweep", help="class accuracy, FID, precision and recall against the guidance scale",
         description="For each scale, sample --per-class images of each class, with the same seed at every scale; "
-                    "the dataset's clean classifier judges whether each is of the class asked for; FID, precision "
-                    "and recall are against the test split. Writes OUT/guidance-sweep.json and .png.",
+                    "the dataset's clean classifier (ddpm train-classifier, never the guide) judges whether each is of "
+                    "the class asked for; FID, precision and recall are against the test split. Writes "
+                    "OUT/guidance-sweep.json and .png.",
     )
     sweep.add_argument("run", type=Path, help="run directory (latest checkpoint) or a checkpoint file")
     sweep.add_argument("--kind", required=True, choices=SWEEP_KINDS,
@@ -526,6 +530,9 @@ def _cmd_guidance_sweep(args: argparse.Namespace) -> int:
         cpu_workers=args.cpu_workers, progress=not args.no_progress, **kwargs,
     )
     print(format_sweep_table(output.results))
+    settings = output.settings
+    guided = f"; guided by {settings['guide_classifier']}" if "guide_classifier" in settings else ""
+    say(f"judged by {settings['judge']} (SHA-256 {settings['judge_sha256'][:12]}), FID on {settings['extractor']}{guided}")
     for warning in output.warnings:
         say(f"warning: {warning}")
     say(f"done in {time.perf_counter() - started:.0f} s: table {output.table}, plot {output.plot}, samples {output.grid}")
@@ -542,11 +549,18 @@ def _add_evaluation_commands(commands: Any) -> None:
         description="Train a small CNN on a dataset's images outside its test split, report its test accuracy, "
                     "and save it (model.safetensors + config.json).",
     )
-    classifier.add_argument("--dataset", required=True, help=_HELP["dataset"])
+    classifier.add_argument("--dataset", default=None, help=_HELP["dataset"] + " (default with --for: the run's)")
     classifier.add_argument("--out", type=Path, default=None,
                             help="new directory to save into (default: the cache, replacing the dataset's classifier there; "
-                                 "ddpm fid and ddpm train find it by dataset name)")
-    classifier.add_argument("--noisy", action="store_true", help="time-conditioned, trained on noised x_t: for classifier guidance")
+                                 "ddpm fid, sample and train find it by dataset name, and a noisy one by schedule)")
+    role = classifier.add_mutually_exclusive_group()
+    role.add_argument("--noisy", action="store_true",
+                      help="time-conditioned, trained on noised x_t of one schedule: the guide of form guided-diffusion")
+    role.add_argument("--guide", action="store_true",
+                      help="a second clean classifier (another seed): the guide of form poster, kept apart from the "
+                           "FID and judge classifier so that guided samples are not scored by their guide")
+    classifier.add_argument("--for", dest="for_run", type=Path, default=None, metavar="RUN",
+                            help="--noisy only: train for the schedule (and dataset) of this run or checkpoint")
     classifier.add_argument("--schedule", default=None, choices=SCHEDULE_NAMES, help="--noisy only: the noise schedule (default: ddpm train's)")
     classifier.add_argument("--num-steps", type=int, default=None, help="--noisy only: T of the schedule, as the diffusion model's (default: ddpm train's)")
     classifier.add_argument("--epochs", type=int, default=DEFAULT_CLASSIFIER_EPOCHS, help=f"default {DEFAULT_CLASSIFIER_EPOCHS}")
@@ -589,33 +603,35 @@ def _split_list(text: str) -> tuple[str, ...]:
 
 def _cmd_train_classifier(args: argparse.Namespace) -> int:
     from .classifier import META_FILE, WEIGHTS_FILE, classifier_cache_dir, classifier_dir_name, train_and_cache_classifier
-    from .schedules import make_schedule
+    from .guidance import describe_schedule
 
-    if not args.noisy and (args.schedule or args.num_steps):
-        raise ConfigError("--schedule and --num-steps describe the noise of a --noisy classifier; add --noisy or drop them")
+    if not args.noisy and (args.schedule or args.num_steps or args.for_run):
+        raise ConfigError("--schedule, --num-steps and --for describe the noise of a --noisy classifier; add --noisy or drop them")
+    if args.for_run is not None and (args.schedule or args.num_steps):
+        raise ConfigError("--for takes the schedule of the run; drop --schedule and --num-steps")
     if args.epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
     if args.out is not None and args.out.exists() and any(args.out.iterdir()):
         raise ConfigError(f"{args.out} already exists and is not empty; choose another --out")
-    directory = args.out or classifier_cache_dir() / classifier_dir_name(args.dataset, args.noisy)
+    dataset, geometry, schedule = _classifier_target(args)
+    role = "noisy" if args.noisy else "guide" if args.guide else "features"
+    directory = args.out or classifier_cache_dir() / classifier_dir_name(dataset, role, schedule)
     check_writable([directory / WEIGHTS_FILE, directory / META_FILE], what="classifier")
-    schedule = None
-    if args.noisy:
-        defaults = TrainConfig()
-        schedule = make_schedule(args.schedule or defaults.schedule, defaults.num_steps if args.num_steps is None else args.num_steps)
-    kind = f"noisy classifier (x_t, t; {schedule.name} schedule, T = {schedule.num_steps})" if schedule else "classifier"
-    say(f"training the {kind} of {args.dataset} for {args.epochs} epoch(s) into {directory}")
+    kind = {"features": "classifier", "guide": "guiding classifier (poster form)",
+            "noisy": f"noisy classifier (x_t, t) for the {describe_schedule(schedule.identity()) if schedule else ''}"}[role]
+    say(f"training the {kind} of {dataset} for {args.epochs} epoch(s) into {directory}")
     if args.out is None and (directory / META_FILE).is_file():
         say(f"it replaces the one there, {_classifier_summary(directory / META_FILE)}; results made with that one name its hash")
     directory, report = train_and_cache_classifier(
-        args.dataset, noisy=args.noisy, data_dir=args.data_dir, image_size=args.image_size, channels=args.channels,
-        schedule=schedule, device=resolve_device(args.device), out=args.out, epochs=args.epochs, progress=True,
+        dataset, role=role, **geometry, schedule=schedule, device=resolve_device(args.device), out=args.out,
+        epochs=args.epochs, progress=True,
     )
     noised = " noised at uniformly drawn steps" if args.noisy else ""
     say(f"test accuracy {report['test_accuracy']:.4f} on {report['test_images']} {report['dataset']} {report['test_split']} images{noised}")
     if args.noisy:
         by_index = ", ".join(f"t={index}: {value:.4f}" for index, value in report["accuracy_at_index"].items())
         say(f"accuracy at step index {by_index}")
+        say(f"for the {describe_schedule(report['schedule'])}")
     say(f"trained in {report['train_seconds']:.1f} s ({report['epochs']} epochs on {report['train_images']} images, {report['device']}); "
         f"saved {directory} ({_classifier_summary(directory / META_FILE)})")
     if args.out is None:
@@ -630,6 +646,29 @@ def _classifier_summary(meta_file: Path) -> str:
         return f"SHA-256 {meta['weights_sha256'][:12]}..., test accuracy {meta['report']['test_accuracy']:.3f}"
     except (OSError, ValueError, KeyError, TypeError):
         return "damaged or unreadable"
+
+
+def _classifier_target(args: argparse.Namespace) -> tuple[str, dict[str, Any], Any]:
+    """train-classifier's dataset, its geometry options (data_dir, image_size, channels) and
+    the noise schedule (None unless --noisy): the flags', or with --for those of the run."""
+    from .schedules import make_schedule
+
+    geometry = {"data_dir": args.data_dir, "image_size": args.image_size, "channels": args.channels}
+    if args.for_run is not None:
+        from .checkpoint import load_run_schedule
+
+        config, schedule = load_run_schedule(args.for_run)
+        if args.dataset is not None and args.dataset != config.dataset:
+            raise ConfigError(f"--dataset {args.dataset} is not the dataset of {args.for_run} ({config.dataset}); drop it")
+        run_geometry = {"data_dir": config.data_dir, "image_size": config.image_size, "channels": config.channels}
+        return config.dataset, {key: value if value is not None else run_geometry[key] for key, value in geometry.items()}, schedule
+    if args.dataset is None:
+        raise ConfigError("--dataset is needed (or --noisy --for RUN, which takes the run's)")
+    if not args.noisy:
+        return args.dataset, geometry, None
+    defaults = TrainConfig()
+    num_steps = defaults.num_steps if args.num_steps is None else args.num_steps
+    return args.dataset, geometry, make_schedule(args.schedule or defaults.schedule, num_steps)
 
 
 def _cmd_fid(args: argparse.Namespace) -> int:

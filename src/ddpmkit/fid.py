@@ -396,23 +396,40 @@ def minibatch_fid(
     num_images: int,
     batch_size: int,
     seed: int,
+    labelled: bool = False,
     **sample_kwargs: Any,
 ) -> float:
     """The poster's per-epoch FID: ``num_images`` samples (cheap sampler settings in
-    sample_kwargs) against the first ``num_images`` validation images.
+    sample_kwargs) against ``num_images`` validation images, a fixed class-balanced subset
+    (class_balanced_indices), since a split may be ordered by class (folder: datasets are).
+    With ``labelled`` (a conditional model) each sample is drawn with its reference image's label.
 
     The same validation images and seeds every epoch, so that the curve shows the model
     changing, not the sample. With few images the estimate is biased upwards (Chong &
     Forsyth 2020), so it is comparable across epochs, not with a full FID.
     """
-    num_images = min(num_images, len(validation))
-    real = extractor(validation.images[:num_images])
+    chosen = class_balanced_indices(validation.labels, min(num_images, len(validation)))
+    real = extractor(validation.images[chosen])
     image_shape = tuple(validation.images.shape[1:])
+    labels = validation.labels[chosen] if labelled else None
     fake = np.concatenate([
         generated_features(extractor, samples)
-        for samples in sample_batches(model, schedule, num_images, batch_size, image_shape, seed=seed, **sample_kwargs)
+        for samples in sample_batches(model, schedule, len(chosen), batch_size, image_shape, seed=seed, labels=labels, **sample_kwargs)
     ])
     return frechet_distance(real, fake)
+
+
+def class_balanced_indices(labels: torch.Tensor, size: int) -> torch.Tensor:
+    """The sorted indices of ``size`` images, each class as often as the labels allow: a
+    fixed random subset (seeded by _SUBSET_SEED) that takes the k-th image of every class
+    before any class's (k+1)-th, the classes in a random order for the last, partial round."""
+    labels = np.asarray(labels)
+    generator = np.random.default_rng(_SUBSET_SEED)
+    ranked = []  # (rank within its class, the class's place in the order, index)
+    for place, label in enumerate(generator.permutation(np.unique(labels))):
+        members = generator.permutation(np.flatnonzero(labels == label))
+        ranked += [(rank, place, int(index)) for rank, index in enumerate(members)]
+    return torch.tensor(sorted(index for _, _, index in sorted(ranked)[:size]), dtype=torch.int64)
 
 
 def inception_extractor(path: str | Path | None = None, *, device: str | torch.device = "cpu") -> FeatureExtractor:

@@ -29,11 +29,11 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     series = {
         key: [(r["step"], r[key]) for r in records if r.get(key) is not None]
-        for key in ("train_loss", "val_loss", "fid")
+        for key in ("train_loss", "val_loss", "val_loss_ema", "fid", "fid_unconditional")
     }
-    panels = [("loss (MSE on the noise)", ["train_loss", "val_loss"])]
+    panels = [("loss (MSE on the noise)", ["train_loss", "val_loss", "val_loss_ema"])]
     if series["fid"]:
-        panels.append(("FID (validation minibatches)", ["fid"]))
+        panels.append(("FID (validation minibatches)", ["fid", "fid_unconditional"]))
     figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for axis, (title, keys) in zip(axes[0], panels):
         for key in keys:

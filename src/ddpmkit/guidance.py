@@ -189,6 +189,7 @@ class ClassifierGuidance:
         "guided-diffusion" form keeps its denoiser and shifts its mean by Sigma s g
         (Algorithm 1 of Dhariwal & Nichol); every other case guides the denoiser
         (their Algorithm 2, or the poster's eps') and has no mean shift."""
+        check_classifier_schedule(self.classifier, schedule)
         if ancestral and self.form == "guided-diffusion":
             return denoiser, self.scaled_gradient
         return self.guide(denoiser, schedule), None
@@ -231,6 +232,26 @@ def check_time_conditioning(classifier: Callable[..., torch.Tensor], form: Guida
     raise ConfigError("guidance_form 'guided-diffusion' needs a time-conditioned (noisy) classifier; this one is for clean images")
 
 
+def check_classifier_schedule(classifier: Callable[..., torch.Tensor], schedule: NoiseSchedule) -> None:
+    """A noisy classifier that says which schedule it was trained for (a
+    ``trained_for_schedule`` record of NoiseSchedule.identity(), as classifier.Classifier
+    has) must guide a model of that schedule: for any other it would see x_t at the wrong
+    noise level for each t (cosine against linear: 4x the SNR at t = 99, 90x at t = 900).
+    A classifier without the record (a plain function, a clean classifier) is taken as it is."""
+    trained_for = getattr(classifier, "trained_for_schedule", None)
+    if trained_for is None or trained_for["betas_sha256"] == schedule.identity()["betas_sha256"]:
+        return
+    raise ConfigError(
+        f"the guiding classifier was trained for the {describe_schedule(trained_for)}, but the model samples with the "
+        f"{describe_schedule(schedule.identity())}; train one for it: ddpm train-classifier --noisy --for RUN"
+    )
+
+
+def describe_schedule(identity: dict[str, Any]) -> str:
+    """'linear schedule, T = 1000 (betas f4fb21d432a5)' for a NoiseSchedule.identity() record."""
+    return f"{identity['name']} schedule, T = {identity['num_steps']} (betas {identity['betas_sha256'][:12]})"
+
+
 # --- which classes to generate: shared by ``ddpm sample`` and sweeps ----------------------------
 
 def class_labels(classes: Sequence[int], per_class: int) -> torch.Tensor:
@@ -257,7 +278,16 @@ def resolve_classes(classes: Sequence[int] | Literal["all"], num_classes: int) -
     return list(classes)
 
 
-def check_classifier_free(model: Callable[..., torch.Tensor], guidance_scale: float) -> None:
-    """Classifier-free guidance (w > 0) needs a model trained with label dropout: say so up front."""
-    if guidance_scale > 0 and not is_conditional(model):
+def check_classifier_free(model: Callable[..., torch.Tensor], guidance_scale: float, label_dropout: float) -> None:
+    """Classifier-free guidance (w > 0) needs a conditional model trained with label dropout
+    (``label_dropout`` > 0, its training config's): without, the "no label" embedding that
+    eq. 6 subtracts was never trained and is still its random initial value. Say so up front."""
+    if guidance_scale <= 0:
+        return
+    if not is_conditional(model):
         raise ConfigError("classifier-free guidance needs a conditional model (trained with --conditional); this one is unconditional")
+    if not label_dropout > 0:
+        raise ConfigError(
+            "classifier-free guidance needs a model trained with label dropout (--label-dropout 0.1, say); this one had 0, "
+            "so its 'no label' embedding is untrained; sample it with --guidance 0 (plain conditional sampling)"
+        )

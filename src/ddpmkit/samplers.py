@@ -19,9 +19,13 @@ precomputed coefficients. Conventions shared by all of them:
 * Randomness: the initial noise, then one draw per noisy step (every step but the last),
   each float32 of the sample's shape from ``generator`` (on the generator's device), then
   cast. Drawing in float32 makes a seed give the same noise for every ``dtype``.
-* Precision: every coefficient is computed once per call in float64 from the schedule's
-  buffers (read off the schedule's own formulas) and cast once to ``dtype``; the step loop
-  does only ``dtype`` arithmetic.
+* Precision: ``sample``'s ``dtype`` is the model's: the model is called on x_t cast to it,
+  and its prediction cast back. The sampler's own arithmetic (x_t, coefficients, updates,
+  guidance) is float32, or float64 for a float64 model: in bf16, coefficients like
+  1 - 1e-4 round to 1, and the first cosine step's x0 = (x_T - sqrt(1 - abar_T) eps) /
+  sqrt(abar_T), with 1 / sqrt(abar_T) ~ 2e4, cancels catastrophically. Every coefficient is computed once per
+  call in float64 from the schedule's buffers (read off the schedule's own formulas) and
+  cast once to that arithmetic dtype; the step loop does only arithmetic in it.
 * ``callback(info)`` is called once per step, before the update, with "i" (0, 1, ...),
   "t" (the original index, an int), "x_t" (the current sample) and "x0_pred" (the
   predicted x0, clipped if clipping is on; guided, except by ancestral DDPM's mean shift,
@@ -55,6 +59,7 @@ from .errors import ConfigError
 from .guidance import Denoiser, GradientField, labels_for_model, make_classifier_guidance, make_denoiser
 from .rng import seeded_generator
 from .schedules import NoiseSchedule
+from .unet import NO_LABEL
 from .validation import check_choice
 
 Callback = Callable[[dict[str, Any]], None]
@@ -328,6 +333,20 @@ def sample_dpm_solver_pp(
     return x
 
 
+def _in_precision(model: Callable[..., torch.Tensor], dtype: torch.dtype, arithmetic: torch.dtype) -> Callable[..., torch.Tensor]:
+    """``model`` called on x_t cast to its precision ``dtype``, its prediction cast to the
+    sampler's ``arithmetic`` dtype; the model itself where the two agree. Keeps the model's
+    ``null_label`` (guidance.is_conditional reads it)."""
+    if dtype == arithmetic:
+        return model
+
+    def in_precision(x_t: torch.Tensor, t: torch.Tensor, *labels: torch.Tensor) -> torch.Tensor:
+        return model(x_t.to(dtype), t, *labels).to(arithmetic)
+
+    in_precision.null_label = getattr(model, "null_label", NO_LABEL)  # type: ignore[attr-defined]
+    return in_precision
+
+
 # --- the entry points ----------------------------------------------------------------------
 
 @torch.inference_mode()
@@ -364,6 +383,8 @@ def sample(
     (s) and ``guidance_form`` are classifier guidance's, which needs ``labels``. Both kinds
     can be combined; guidance.py states every convention.
     ``device`` defaults to the model's (its first parameter's; CPU for a plain function).
+    ``dtype`` is the model's precision (module docstring): the samples come back in float32
+    (float64 for a float64 model), the dtype of the sampler's arithmetic.
     """
     check_choice("sampler", sampler, SAMPLER_NAMES)
     check_choice("variance", variance, VARIANCE_NAMES)
@@ -382,12 +403,15 @@ def sample(
     if labels is not None:
         labels = _check_labels(labels, shape[0]).to(device)
     classifier_guidance = make_classifier_guidance(classifier, labels, classifier_scale, guidance_form)
-    denoiser = make_denoiser(model, labels_for_model(model, labels, classifier is not None), guidance_scale)
+    arithmetic = torch.promote_types(dtype, torch.float32)
+    denoiser = make_denoiser(
+        _in_precision(model, dtype, arithmetic), labels_for_model(model, labels, classifier is not None), guidance_scale
+    )
     mean_shift = None
     if classifier_guidance is not None:
         denoiser, mean_shift = classifier_guidance.apply(denoiser, schedule, ancestral=sampler == "ddpm")
-    timesteps = make_timesteps(schedule, indices, shape[0], dtype, device)
-    x = _standard_normal(tuple(shape), generator, dtype, device)
+    timesteps = make_timesteps(schedule, indices, shape[0], arithmetic, device)
+    x = _standard_normal(tuple(shape), generator, arithmetic, device)
     common = {"clip_denoised": clip_denoised, "callback": callback}
     if sampler == "ddpm":
         return sample_ddpm(denoiser, x, timesteps, variance=variance, generator=generator, mean_shift=mean_shift, **common)

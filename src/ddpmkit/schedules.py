@@ -13,9 +13,11 @@ at use, so that float32/bf16 samplers do not accumulate rounding in the coeffici
 
 from __future__ import annotations
 
+import hashlib
 import math
 from functools import cached_property
 from dataclasses import dataclass
+
 import torch
 
 from .choices import SCHEDULE_NAMES, ScheduleName
@@ -67,6 +69,12 @@ class NoiseSchedule:
     def alpha_bars_prev(self) -> torch.Tensor:
         """abar_{t-1} at index t-1, with abar_0 = 1 at index 0."""
         return torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bars[:-1]])
+
+    def identity(self) -> dict[str, str | int]:
+        """What a file records of the schedule it was made for: name, T, and the SHA-256 of
+        the float64 betas (little-endian bytes), which tells schedules of one name apart."""
+        betas = self.betas.numpy().astype("<f8").tobytes()
+        return {"name": self.name, "num_steps": self.num_steps, "betas_sha256": hashlib.sha256(betas).hexdigest()}
 
     @cached_property
     def posterior_variances(self) -> torch.Tensor:
@@ -124,18 +132,29 @@ class NoiseSchedule:
         return NoiseSchedule(1.0 - kept / prev, name=f"{self.name}-respaced")
 
 
-def linear_schedule(
-    num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
-) -> NoiseSchedule:
-    """Ho et al. 2020, section 4: betas linear from 1e-4 to 0.02 over T = 1000 steps."""
+def linear_schedule(num_steps: int = 1000, beta_start: float | None = None, beta_end: float | None = None) -> NoiseSchedule:
+    """Ho et al. 2020, section 4: betas linear from 1e-4 to 0.02 over T = 1000 steps;
+    for other T the endpoints scaled by 1000 / T (Improved DDPM's code, Nichol & Dhariwal
+    2021, ``get_named_beta_schedule("linear", T)``), so that abar_T stays about 4e-5 for
+    every T instead of growing to 0.08 at T = 250 and 0.36 at T = 100.
+
+    T = 1000 is exactly the unscaled schedule. Given ``beta_start`` and ``beta_end`` are
+    used as they are, unscaled. diffusers' ``DDPMScheduler(beta_schedule="linear")`` does
+    not scale: its schedule equals ours at T = 1000 only (ours with explicit 1e-4 and 0.02
+    elsewhere). The scaling needs T >= 21: at T <= 20 the scaled beta_T would be >= 1.
+    """
     _check_num_steps(num_steps)
-    if not 0 < beta_start <= beta_end < 1:
+    scale = 1000 / num_steps
+    if beta_end is None and not scale * 0.02 < 1:
         raise ConfigError(
-            f"need 0 < beta_start <= beta_end < 1, got {beta_start} and {beta_end}"
+            f"the linear schedule scaled by 1000 / T needs T >= 21 (T = {num_steps} gives beta_T = {scale * 0.02:g}); "
+            "give beta_start and beta_end for a shorter chain"
         )
-    return NoiseSchedule(
-        torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64), name="linear"
-    )
+    beta_start = scale * 1e-4 if beta_start is None else beta_start
+    beta_end = scale * 0.02 if beta_end is None else beta_end
+    if not 0 < beta_start <= beta_end < 1:
+        raise ConfigError(f"need 0 < beta_start <= beta_end < 1, got {beta_start} and {beta_end}")
+    return NoiseSchedule(torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64), name="linear")
 
 
 def cosine_schedule(num_steps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> NoiseSchedule:
@@ -157,6 +176,13 @@ def make_schedule(name: ScheduleName, num_steps: int = 1000) -> NoiseSchedule:
     """The schedule family ``name`` ("linear" or "cosine") with its paper defaults."""
     check_choice("schedule", name, SCHEDULE_NAMES)
     return linear_schedule(num_steps) if name == "linear" else cosine_schedule(num_steps)
+
+
+def schedule_before_scaling(name: ScheduleName, num_steps: int) -> NoiseSchedule:
+    """What ``make_schedule(name, num_steps)`` built before the linear schedule was scaled by
+    1000 / T: linear betas 1e-4 .. 0.02 for every T (the same at T = 1000). Files of that
+    time (checkpoints, noisy classifiers) record no betas hash; this is what they were made with."""
+    return linear_schedule(num_steps, 1e-4, 0.02) if name == "linear" else make_schedule(name, num_steps)
 
 
 def _check_num_steps(num_steps: int) -> None:

@@ -18,6 +18,11 @@ both score the images a user would save.
 ``sweep_run`` does this for a trained run, as ``ddpm guidance-sweep`` does: the judge is
 the dataset's cached clean classifier, the reference its test split; besides the table and
 its plot it draws one row of samples per scale (the same noise in every row).
+
+The judge and FID's features must be independent of the guide: a guide judged by itself
+scores the very inputs it pushed (adversarially) towards its class. So the poster form
+guides with another network by default (role "guide" of classifier.py, another seed), and
+a sweep whose guiding classifier has the judge's or the feature network's weights is refused.
 """
 
 from __future__ import annotations
@@ -127,14 +132,15 @@ def _score(
 
 @dataclass(frozen=True)
 class SweepOutput:
-    """What sweep_run wrote: the rows, the JSON table, the plot and the samples grid, and
-    fid.small_sample_warnings of the sample sizes."""
+    """What sweep_run wrote: the rows, the JSON table, the plot and the samples grid,
+    fid.small_sample_warnings of the sample sizes, and the settings."""
 
     results: list[dict[str, float | int]]
     table: Path
     plot: Path
     grid: Path
     warnings: list[str]
+    settings: dict[str, Any]  # what made the results (also in the table), which network judged and which guided
 
 
 def sweep_outputs(out_dir: str | Path) -> tuple[Path, Path, Path]:
@@ -170,7 +176,8 @@ def sweep_run(
     per scale.
 
     The guiding classifier (kind "classifier") is ``guide_classifier_path`` or the dataset's
-    cached one (guidance.load_guiding_classifier). ``features`` picks the FID feature space
+    cached one (classifier.load_guiding_classifier); one with the judge's or the FID feature
+    network's weights is refused (module docstring). ``features`` picks the FID feature space
     (fid.load_extractor); ``sample_kwargs`` (sampler, steps, eta, ...) go to ``sample``;
     ``compile`` and ``cpu_workers`` to load_trained_model.
     """
@@ -178,13 +185,21 @@ def sweep_run(
     config = trained.config
     guide = guide_path = None
     if kind == "classifier":
-        guide, guide_path = load_guiding_classifier(config.dataset, guidance_form, guide_classifier_path, device=device)
+        guide, guide_path, guide_meta = load_guiding_classifier(
+            config.dataset, guidance_form, guide_classifier_path, schedule=trained.schedule, device=device
+        )
     else:
-        check_classifier_free(trained.model, max(scales, default=0.0))
+        check_classifier_free(trained.model, max(scales, default=0.0), config.label_dropout)
     classes = resolve_classes(classes, num_guided_classes(trained.model, guide))
     judge_path = find_classifier(config.dataset)
-    judge, _ = load_classifier(judge_path, device=device)
+    judge, judge_meta = load_classifier(judge_path, device=device)
     extractor = load_extractor(features, config.dataset, device=device)
+    if guide is not None and guide_meta["weights_sha256"] in (judge_meta["weights_sha256"], extractor.weights_sha256):
+        raise ConfigError(
+            f"the guiding classifier {guide_path} has the weights of the judge {judge_path} or of the FID features "
+            f"(SHA-256 {guide_meta['weights_sha256'][:12]}): guided samples must not be scored by their own guide; "
+            f"guide with another network, e.g. ddpm train-classifier --dataset {config.dataset} --guide"
+        )
     test = load_dataset(config.dataset, "test", data_dir=config.data_dir, image_size=config.image_size,
                         channels=config.channels, seed=config.seed)
     reference = reference_features(test, extractor)
@@ -218,7 +233,7 @@ def sweep_run(
         [f"{symbol} = {scale:g}" for scale in scales],
         f"{kind} guidance: {shown} sample{'s' if shown > 1 else ''} of each class per scale, the same noise in every row", grid, settings=settings,
     )
-    return SweepOutput(results, table, plot, grid, warnings)
+    return SweepOutput(results, table, plot, grid, warnings, settings)
 
 
 def format_sweep_table(results: list[dict[str, float | int]]) -> str:

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from .batch_threads import BatchThreads, backward_in_slices, resolve_cpu_workers
 from .checkpoint import (
     best_checkpoint_path,
+    checkpoint_schedule,
     copy_checkpoint,
     latest_checkpoint,
     load_checkpoint,
@@ -74,7 +75,7 @@ class TrainingPosition:
     step: int = 0  # optimizer steps done
     epoch: int = 0  # epochs finished
     batch_in_epoch: int = 0  # batches of the current epoch done
-    best_val_loss: float | None = None
+    best_ema_val_loss: float | None = None  # best.safetensors: the lowest validation loss of the EMA weights
     skipped_steps: int = 0  # steps fp16 loss scaling skipped (overflow)
 
     @classmethod
@@ -193,16 +194,12 @@ class _Run:
         self.train_labels = self.train_set.labels.to(device)
         # The evaluation passes (validation, preview grids, per-epoch FID) on the worker threads.
         self.model_for_evaluation = BatchThreads(self.model, self.workers)
-        self.ema_for_evaluation = BatchThreads(self.ema, self.workers)
+        self.ema_for_evaluation = BatchThreads(self.ema, self.workers).eval()
         self.window = _LossWindow(device)
 
     @property
     def main(self) -> bool:
         return self.accelerator.is_main_process
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (self.info.channels, self.info.image_size, self.info.image_size)
 
     def write_checkpoint(self, path: Path) -> None:
         """A checkpoint of everything a resume needs, written by the main process; all wait."""
@@ -214,7 +211,10 @@ class _Run:
                 optimizer=self.optimizer.state_dict(),
                 rng_states=_rng_states(),
                 config=self.config.to_dict(),
-                state={**asdict(self.position), "model_config": asdict(self.model_config), "image_size": self.info.image_size},
+                state={
+                    **asdict(self.position), "model_config": asdict(self.model_config), "image_size": self.info.image_size,
+                    "schedule": self.schedule.identity(), **_grad_scaler_state(self.accelerator),
+                },
             )
         self.accelerator.wait_for_everyone()
         self.last_checkpoint = path
@@ -257,7 +257,9 @@ def _set_up(config: TrainConfig, run_dir: Path, resume: bool, progress: bool) ->
         config.cpu_workers, on_cpu=accelerator.device.type == "cpu", processes=world, compile=config.compile, dropout=config.dropout
     )
     main = accelerator.is_main_process
-    schedule = config.noise_schedule()
+    checkpoint = load_checkpoint(latest_checkpoint(run_dir)) if resume else None
+    # A resumed run keeps its own schedule, also one from before a schedule change (checkpoint_schedule).
+    schedule = checkpoint_schedule(checkpoint, config) if resume else config.noise_schedule()
     fid_extractor = _fid_extractor(config, info, accelerator.device, main)
 
     data_kwargs = dict(data_dir=config.data_dir, image_size=config.image_size, channels=config.channels, seed=config.seed)
@@ -274,8 +276,7 @@ def _set_up(config: TrainConfig, run_dir: Path, resume: bool, progress: bool) ->
     # tensor (benchmarks/README.md), the same weights up to rounding. CPU (torch >= 2.4) and CUDA.
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
     position = TrainingPosition()
-    if resume:
-        checkpoint = load_checkpoint(latest_checkpoint(run_dir))
+    if checkpoint is not None:
         if checkpoint.optimizer is None:
             raise CheckpointError(f"{checkpoint.path} holds no optimizer state (an imported model): there is no training to resume")
         load_weights(model, checkpoint.model, source=str(checkpoint.path))
@@ -286,6 +287,7 @@ def _set_up(config: TrainConfig, run_dir: Path, resume: bool, progress: bool) ->
         if "cuda" in checkpoint.rng_states and torch.cuda.is_available():
             torch.cuda.set_rng_state(checkpoint.rng_states["cuda"])
         position = TrainingPosition.from_state(checkpoint.state)
+        _restore_grad_scaler(accelerator, checkpoint.state)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device)
 
@@ -368,26 +370,35 @@ def _end_epoch(run: _Run, tensorboard: Any) -> None:
     epoch = position.epoch
     run.bar.set_description_str(f"epoch {epoch + 1}: validation loss")
     run.val_loss, run.val_step = validation_loss(run.accelerator, run.model_for_evaluation, run.schedule, run.val_set, config), position.step
+    # The EMA weights are what sampling uses by default, so they choose best.safetensors.
+    ema_val_loss = validation_loss(run.accelerator, run.ema_for_evaluation, run.schedule, run.val_set, config)
     position.epoch, position.batch_in_epoch = epoch + 1, 0
-    record: dict[str, Any] = {"step": position.step, "epoch": epoch, "val_loss": run.val_loss}
-    if run.main and config.preview_images:
-        run.bar.set_description_str(f"epoch {epoch + 1}: {config.preview_images} preview samples")
-        grid = run.run_dir / "samples" / f"epoch-{epoch:03d}.png"
-        preview = _preview_samples(run.ema_for_evaluation, run.schedule, config, run.image_shape, device)
-        with _writing(grid):
-            save_image_grid(preview, grid)
-        record["samples"] = str(grid.relative_to(run.run_dir))
-        if tensorboard is not None:
-            tensorboard.add_image("samples", image_grid(preview), position.step, dataformats="HWC")
-    # Sampled on the main process only; the others wait at write_checkpoint's barrier.
-    if run.main and run.fid_extractor is not None:
-        run.bar.set_description_str(f"epoch {epoch + 1}: FID")
-        record["fid"] = run.fid = _epoch_fid(run.ema_for_evaluation, run.schedule, run.val_set, run.fid_extractor, config, device)
+    record: dict[str, Any] = {"step": position.step, "epoch": epoch, "val_loss": run.val_loss, "val_loss_ema": ema_val_loss}
+    if run.main and (config.preview_images or run.fid_extractor is not None):
+        record["preview_labels"] = _preview_labels_note(config, run.info)
+    for labelled in _preview_kinds(config):
+        suffix = "" if labelled or not config.conditional else "_unconditional"
+        if run.main and config.preview_images:
+            run.bar.set_description_str(f"epoch {epoch + 1}: {config.preview_images} preview samples")
+            grid = run.run_dir / "samples" / f"epoch-{epoch:03d}{suffix.replace('_', '-')}.png"
+            preview = _preview_samples(run.ema_for_evaluation, run.schedule, config, run.info, device, labelled=labelled)
+            with _writing(grid):
+                save_image_grid(preview, grid)
+            record["samples" + suffix] = str(grid.relative_to(run.run_dir))
+            if tensorboard is not None:
+                tensorboard.add_image("samples" + suffix, image_grid(preview), position.step, dataformats="HWC")
+        # Sampled on the main process only; the others wait at write_checkpoint's barrier.
+        if run.main and run.fid_extractor is not None:
+            run.bar.set_description_str(f"epoch {epoch + 1}: FID")
+            record["fid" + suffix] = _epoch_fid(
+                run.ema_for_evaluation, run.schedule, run.val_set, run.fid_extractor, config, device, labelled=labelled
+            )
+    run.fid = record.get("fid")
     _log(run.main, run.run_dir, record, tensorboard)
     run.bar.set_description_str(f"epoch {epoch + 1}: checkpoint")
-    is_best = position.best_val_loss is None or run.val_loss < position.best_val_loss
+    is_best = position.best_ema_val_loss is None or ema_val_loss < position.best_ema_val_loss
     if is_best:
-        position.best_val_loss = run.val_loss
+        position.best_ema_val_loss = ema_val_loss
     run.write_checkpoint(step_checkpoint_path(run.run_dir, position.step))
     if run.main:
         prune_checkpoints(run.run_dir, config.keep_checkpoints)
@@ -557,6 +568,7 @@ def validation_loss(accelerator: Any, model: torch.nn.Module, schedule: NoiseSch
     count = len(dataset)
     timesteps, noise = draw_timesteps_and_noise(schedule, (count, *dataset.images.shape[1:]), generator)
     device = accelerator.device
+    was_training = model.training  # the EMA copy stays in eval mode
     model.eval()
     total = torch.zeros((), device=device)
     for start in range(accelerator.process_index * config.batch_size, count, accelerator.num_processes * config.batch_size):
@@ -565,19 +577,39 @@ def validation_loss(accelerator: Any, model: torch.nn.Module, schedule: NoiseSch
         t, eps = timesteps[part].to(device), noise[part].to(device)
         y = dataset.labels[part].to(device) if config.conditional else None
         total += ddpm_loss(_autocast(accelerator, model), schedule, x0, t, eps, y, reduction="sum")
-    model.train()
+    model.train(was_training)
     total = accelerator.reduce(total, "sum")
     return float(total) / (count * math.prod(dataset.images.shape[1:]))
 
 
-def _preview_samples(ema: torch.nn.Module, schedule: NoiseSchedule, config: TrainConfig, image_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """The per-epoch sample grid, with the cheap preview sampler (logged in the config)."""
-    ema.eval()
-    images = sample(
-        ema, schedule, (config.preview_images, *image_shape), sampler=config.preview_sampler,
-        steps=config.preview_steps, generator=seeded_generator(config.seed, TrainingStream.PREVIEW), device=device,
+def _preview_kinds(config: TrainConfig) -> tuple[bool, ...]:
+    """Whether each per-epoch grid and FID is sampled with labels: an unconditional model's
+    without; a conditional model's with labels spread over the classes, and also without
+    (its "no label" embedding) where label dropout trained that embedding."""
+    if not config.conditional:
+        return (False,)
+    return (True, False) if config.label_dropout > 0 else (True,)
+
+
+def _preview_labels_note(config: TrainConfig, info: DatasetInfo) -> str:
+    """What metrics.jsonl says of the labels of "samples" and "fid" (and their "_unconditional" twins)."""
+    if not config.conditional:
+        return "none (unconditional model)"
+    note = f"spread over the {info.num_classes} classes"
+    return note + ("; *_unconditional: the 'no label' embedding" if config.label_dropout > 0 else "")
+
+
+def _preview_samples(
+    ema: torch.nn.Module, schedule: NoiseSchedule, config: TrainConfig, info: DatasetInfo, device: torch.device, *, labelled: bool
+) -> torch.Tensor:
+    """The per-epoch sample grid, with the cheap preview sampler (logged in the config); with
+    ``labelled``, the grid's images in blocks of one class each, class 0 first."""
+    count = config.preview_images
+    labels = torch.arange(count) * info.num_classes // count if labelled else None
+    return sample(
+        ema, schedule, (count, info.channels, info.image_size, info.image_size), sampler=config.preview_sampler,
+        steps=config.preview_steps, labels=labels, generator=seeded_generator(config.seed, TrainingStream.PREVIEW), device=device,
     )
-    return images
 
 
 def _fid_extractor(config: TrainConfig, info: DatasetInfo, device: torch.device, main: bool) -> FeatureExtractor | None:
@@ -602,14 +634,16 @@ def _fid_extractor(config: TrainConfig, info: DatasetInfo, device: torch.device,
 
 
 def _epoch_fid(
-    ema: torch.nn.Module, schedule: NoiseSchedule, val_set: ImageDataset, extractor: FeatureExtractor, config: TrainConfig, device: torch.device
+    ema: torch.nn.Module, schedule: NoiseSchedule, val_set: ImageDataset, extractor: FeatureExtractor, config: TrainConfig,
+    device: torch.device, *, labelled: bool,
 ) -> float:
     """The poster's per-epoch FID: fid_batches global batches of EMA samples (the cheap
-    preview sampler, as the grid) against as many validation images."""
+    preview sampler, as the grid) against as many validation images (minibatch_fid); with
+    ``labelled``, each sample has the label of its reference image."""
     return minibatch_fid(
         ema, schedule, val_set, extractor, num_images=config.fid_batches * config.batch_size, batch_size=config.batch_size,
-        seed=seeded_generator(config.seed, TrainingStream.FID).initial_seed(), sampler=config.preview_sampler,
-        steps=config.preview_steps, device=device,
+        seed=seeded_generator(config.seed, TrainingStream.FID).initial_seed(), labelled=labelled,
+        sampler=config.preview_sampler, steps=config.preview_steps, device=device,
     )
 
 
@@ -622,6 +656,20 @@ def _tensorboard_writer(config: TrainConfig, run_dir: Path, main: bool, step: in
     from torch.utils.tensorboard import SummaryWriter  # needs the optional tensorboard package
 
     return SummaryWriter(str(run_dir / "tensorboard"), purge_step=step or None)
+
+
+def _grad_scaler_state(accelerator: Any) -> dict[str, Any]:
+    """{"grad_scaler": the fp16 loss scaler's state (scale, growth tracker, factors)}, or {}
+    where there is none (fp32, bf16), so that a resumed fp16 run continues at the scale it
+    had reached instead of at the initial 65536, as an uninterrupted run would."""
+    return {"grad_scaler": accelerator.scaler.state_dict()} if accelerator.scaler is not None else {}
+
+
+def _restore_grad_scaler(accelerator: Any, state: dict[str, Any]) -> None:
+    """Load _grad_scaler_state's record into the run's scaler (none in a checkpoint from
+    before it was recorded: the scaler starts afresh, as it did then)."""
+    if accelerator.scaler is not None and "grad_scaler" in state:
+        accelerator.scaler.load_state_dict(state["grad_scaler"])
 
 
 def _rng_states() -> dict[str, torch.Tensor]:
