@@ -8,7 +8,7 @@ import torch
 
 from ddpmkit import ConfigError, linear_schedule
 from ddpmkit.classifier import Classifier
-from ddpmkit.guidance import GUIDANCE_FORMS, make_classifier_guidance, make_denoiser
+from ddpmkit.guidance import GUIDANCE_FORMS, Denoised, make_classifier_guidance, make_denoiser
 from ddpmkit.unet import NO_LABEL
 from ddpmkit.samplers import sample, timestep_indices
 from ddpmkit.unet import UNet
@@ -31,11 +31,12 @@ def test_guided_noise_is_eq_6_from_one_forward_pass():
     model, weight = ToyConditionalModel(), 2.5
     labels = torch.tensor([0, 3, 7])
     x, t = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(0)), torch.tensor([5, 5, 5])
-    guided = make_denoiser(model, labels, weight)(x, t)
+    guided = make_denoiser(model, labels, weight, schedule=linear_schedule(10))(x, t)
     assert model.calls == [[0, 3, 7, 10, 10, 10]]  # one pass: conditional half, then "no label"
     conditional = model(x, t, labels)
     unconditional = model(x, t, torch.full((3,), 10))
-    torch.testing.assert_close(guided, (1 + weight) * conditional - weight * unconditional)
+    torch.testing.assert_close(guided.eps, (1 + weight) * conditional - weight * unconditional)
+    assert guided.variance_values is None
 
 
 def test_models_without_null_label_get_minus_one():
@@ -45,7 +46,7 @@ def test_models_without_null_label_get_minus_one():
         seen.append(y.tolist())
         return torch.zeros_like(x)
 
-    make_denoiser(model, torch.tensor([4, 5]), 1.0)(torch.zeros(2, 1, 1, 1), torch.tensor([0, 0]))
+    make_denoiser(model, torch.tensor([4, 5]), 1.0, schedule=linear_schedule(10))(torch.zeros(2, 1, 1, 1), torch.tensor([0, 0]))
     assert NO_LABEL == -1 and seen == [[4, 5, -1, -1]]
 
 
@@ -85,7 +86,7 @@ def test_guided_sampling_uses_eq_6_with_one_forward_pass_per_step(sampler):
 ])
 def test_invalid_guidance_raises_config_error(labels, scale, model, message):
     with pytest.raises(ConfigError, match=message):
-        make_denoiser(model, labels, scale)
+        make_denoiser(model, labels, scale, schedule=linear_schedule(10))
 
 
 # --- classifier guidance (Dhariwal & Nichol 2021) ----------------------------------------------
@@ -184,14 +185,17 @@ def test_guided_noise_is_algorithm_2_and_the_poster_form_has_no_sqrt_factor():
     t, labels, scale = torch.tensor([0, 10, 500, 999]), torch.tensor([0, 1, 1, 0]), 2.5
     sqrt_one_minus_abar = (1 - SCHEDULE.alpha_bars[t]).sqrt().view(-1, 1, 1, 1)  # 0.01 at t = 0
 
-    def denoiser(x_t, t):
+    def eps(x_t, t):
         return torch.sin(x_t) * (t.view(-1, 1, 1, 1) + 1) / 1000
 
+    values = torch.full_like(x, 0.25)
+    denoiser = lambda x_t, t: Denoised(eps(x_t, t), values)  # noqa: E731
     noisy, clean = MixtureClassifier(SCHEDULE), MixtureClassifier()
     guided = make_classifier_guidance(noisy, labels, scale).guide(denoiser, SCHEDULE)(x, t)
-    torch.testing.assert_close(guided, denoiser(x, t) - sqrt_one_minus_abar * scale * noisy.gradient(x, t, labels))
+    torch.testing.assert_close(guided.eps, eps(x, t) - sqrt_one_minus_abar * scale * noisy.gradient(x, t, labels))
     poster = make_classifier_guidance(clean, labels, scale, "poster").guide(denoiser, SCHEDULE)(x, t)
-    torch.testing.assert_close(poster, denoiser(x, t) - scale * clean.gradient(x, None, labels))
+    torch.testing.assert_close(poster.eps, eps(x, t) - scale * clean.gradient(x, None, labels))
+    assert guided.variance_values is values and poster.variance_values is values  # guidance leaves the variance
 
 
 @pytest.mark.parametrize("variance", ["beta", "posterior"])

@@ -214,7 +214,9 @@ def _add_sampler_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", default="ddpm", choices=SAMPLER_NAMES, help="default ddpm (ancestral, Algorithm 2)")
     parser.add_argument("--steps", type=int, default=None, help="model evaluations (default: all num_steps)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale (0: deterministic)")
-    parser.add_argument("--variance", default="beta", choices=VARIANCE_NAMES, help="ancestral sigma_t^2: beta or posterior (beta-tilde)")
+    parser.add_argument("--variance", default=None, choices=VARIANCE_NAMES,
+                        help="ancestral sigma_t^2: beta or posterior (beta-tilde), or learned (a model trained with "
+                             "--learn-variance; DDIM and DPM-Solver++ ignore it); default: learned for such a model, else beta")
     parser.add_argument("--spacing", default=None, choices=SPACING_NAMES, help="timestep spacing for fewer steps")
     parser.add_argument("--no-clip", dest="clip_denoised", action="store_false", help="do not clip predicted x0 to [-1, 1]")
 
@@ -224,6 +226,15 @@ def sampler_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if args.spacing:
         kwargs["spacing"] = args.spacing
     return kwargs
+
+
+def _trained_sampler_kwargs(args: argparse.Namespace, trained: Any) -> dict[str, Any]:
+    """sampler_kwargs with how the trained model's output is read: its prediction target, and
+    --variance (default: the model's own)."""
+    from .config import model_output_options
+
+    kwargs = sampler_kwargs(args)
+    return {**kwargs, **model_output_options(trained.config, kwargs.pop("variance"))}
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -241,7 +252,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out must name a .png file, got {args.out}")
     device = resolve_device(args.device)
     trained = load_trained_model(args.run, ema=args.ema, device=device, compile=args.compile, cpu_workers=args.cpu_workers)
-    kwargs = sampler_kwargs(args)
+    kwargs = _trained_sampler_kwargs(args, trained)
     guidance, guidance_record = _guidance_options(args, trained, device)
     num = args.num if "labels" not in guidance else len(guidance["labels"])
     batches = []
@@ -597,7 +608,7 @@ def _cmd_figures_reverse(args: argparse.Namespace) -> int:
         raise ConfigError("--num-images and --frames must be >= 1")
     device = resolve_device(args.device)
     trained = load_trained_model(args.run, ema=True, device=device)
-    kwargs = sampler_kwargs(args)
+    kwargs = _trained_sampler_kwargs(args, trained)
     run_dir = args.run if args.run.is_dir() else trained.path.parent.parent
     out = args.out or run_dir / f"reverse-{args.sampler}-{args.steps or trained.schedule.num_steps}.png"
     path = reverse_process_figure(

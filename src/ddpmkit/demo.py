@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from .checkpoint import latest_checkpoint, load_trained_model
-from .config import TrainConfig
+from .config import TrainConfig, model_output_options
 from .images import save_image_grid
 from .rng import seeded_generator
 from .samplers import sample
@@ -54,7 +54,10 @@ def run_demo(run_dir: str | Path, *, max_steps: int | None = None) -> Path | Non
         print("ddpm demo: interrupted; run it again (make demo) to continue where it stopped")
         return None
     trained = load_trained_model(run_dir, ema=True)
-    images = sample(trained.model, trained.schedule, (64, *trained.image_shape), generator=seeded_generator(config.seed, 0), **DEMO_SAMPLER)
+    images = sample(
+        trained.model, trained.schedule, (64, *trained.image_shape), generator=seeded_generator(config.seed, 0),
+        **DEMO_SAMPLER, **model_output_options(trained.config),
+    )
     grid = save_image_grid(images, run_dir / "samples.png", nrow=8, scale=3)
     minutes = (time.perf_counter() - started) / 60
     print(f"ddpm demo: done in {minutes:.1f} min\n  run directory: {run_dir}\n  sample grid:   {grid}")

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from .checkpoint import TrainedModel
 from .choices import DEFAULT_SPACING, FEATURE_KINDS, FeatureKind, Split
 from .classifier import find_classifier, load_classifier
+from .config import model_output_options
 from .data import ImageDataset, load_dataset
 from .errors import ConfigError, DdpmError
 from .images import to_model_range, to_uint8
@@ -269,9 +270,11 @@ def _open_store(store: Path, fingerprint: dict[str, Any]) -> list[np.ndarray]:
 
 def sampler_settings(trained: TrainedModel, **sample_kwargs: Any) -> dict[str, Any]:
     """The sampler options with the defaults that decide the samples filled in: the
-    spacing, and steps (None = all num_steps)."""
+    spacing, steps (None = all num_steps), and how the model's output is read
+    (config.model_output_options: its prediction target, and variance None = its own)."""
     steps = sample_kwargs.pop("steps", None)
-    return {"spacing": DEFAULT_SPACING, **sample_kwargs, "steps": trained.schedule.num_steps if steps is None else steps}
+    output = model_output_options(trained.config, sample_kwargs.pop("variance", None))
+    return {"spacing": DEFAULT_SPACING, **sample_kwargs, **output, "steps": trained.schedule.num_steps if steps is None else steps}
 
 
 def fid_settings(trained: TrainedModel, *, seed: int, batch_size: int, **sample_kwargs: Any) -> dict[str, Any]:

@@ -22,6 +22,7 @@ class TrainingStream(IntEnum):
     VALIDATION = 3  # the fixed timesteps and noise of the validation loss
     PREVIEW = 4  # the per-epoch sample grid
     FID = 5  # the per-epoch FID samples
+    FLIP = 6  # + step: the horizontal flips of one optimizer step (random_flip)
 
 
 class ClassifierStream(IntEnum):

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from .checkpoint import load_trained_model
 from .choices import DEFAULT_GUIDANCE_FORM, SWEEP_KINDS, FeatureKind, GuidanceForm, SamplerName, SweepKind
 from .classifier import find_classifier, load_classifier, load_guiding_classifier
+from .config import model_output_options
 from .data import load_dataset
 from .errors import ConfigError
 from .fid import FeatureExtractor, Reference, compare, load_extractor, reference_features
@@ -148,6 +149,7 @@ def sweep_run(
     """
     trained = load_trained_model(run, ema=ema, device=device, compile=compile, cpu_workers=cpu_workers)
     config = trained.config
+    sample_kwargs = {**sample_kwargs, **model_output_options(config, sample_kwargs.pop("variance", None))}
     guide = guide_path = None
     if kind == "classifier":
         guide, guide_path = load_guiding_classifier(config.dataset, guidance_form, guide_classifier_path, device=device)
