@@ -31,6 +31,7 @@ _EXPORTS = {
     "TrainingError": "errors",
     "compute_fid": "fid",
     "frechet_distance": "metrics",
+    "nll": "likelihood",
     "precision_recall": "metrics",
     "ddpm_loss": "objectives",
     "sample": "samplers",

@@ -417,7 +417,7 @@ def _cmd_guidance_sweep(args: argparse.Namespace) -> int:
 # --- evaluation -------------------------------------------------------------------------
 
 def _add_evaluation_commands(commands: Any) -> None:
-    from .choices import DEFAULT_CLASSIFIER_EPOCHS, FEATURE_KINDS, INCEPTION_WEIGHTS_FILE, SCHEDULE_NAMES
+    from .choices import DEFAULT_CLASSIFIER_EPOCHS, FEATURE_KINDS, INCEPTION_WEIGHTS_FILE, SCHEDULE_NAMES, SPLITS, VARIANCE_NAMES
 
     classifier = commands.add_parser(
         "train-classifier", help="train the classifier whose features FID uses (--noisy: the one that guides)",
@@ -457,6 +457,23 @@ def _add_evaluation_commands(commands: Any) -> None:
     _add_model_run_flags(fid)
     _add_sampler_flags(fid)
     fid.set_defaults(handler=_cmd_fid)
+
+    nll = commands.add_parser(
+        "nll", help="negative log-likelihood bound in bits/dim (Ho et al. eq. 5, every one of the T terms)",
+        description="The variational bound L_T + sum_t L_{t-1} + L_0 of a split's images in bits per dimension, with the "
+                    "prior, the decoder and the per-step terms; writes them as JSON and the per-step curve as a PNG beside "
+                    "it. Finished batches are kept in OUT-STEM-work/: rerun with the same arguments to resume.",
+    )
+    nll.add_argument("run", type=Path, help="run directory (latest checkpoint) or a checkpoint file")
+    nll.add_argument("--split", default="test", choices=SPLITS, help="default test")
+    nll.add_argument("--num", type=int, default=None, help="images of the split (default all; fewer: a fixed seeded subset)")
+    nll.add_argument("--variance", default=None, choices=VARIANCE_NAMES,
+                     help="reverse variance: beta or posterior for fixed-variance models (default beta), learned (the default "
+                          "and only choice for a model trained with --learn-variance)")
+    nll.add_argument("--out", type=Path, default=Path("nll.json"), help="JSON result (default nll.json); the plot goes beside it")
+    nll.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_model_run_flags(nll)
+    nll.set_defaults(handler=_cmd_nll)
 
 
 def _split_list(text: str) -> tuple[str, ...]:
@@ -525,6 +542,33 @@ def _cmd_fid(args: argparse.Namespace) -> int:
           f"{settings['checkpoint']} (step {settings['step']}), {settings['sampler']} sampler, {settings['steps']} steps, "
           f"seed {settings['seed']}; {result['wall_seconds']:.0f} s")
     print(f"ddpm: wrote {args.out}")
+    return 0
+
+
+def _cmd_nll(args: argparse.Namespace) -> int:
+    from .checkpoint import load_trained_model
+    from .figures import plot_bound_terms
+    from .io import write_json
+    from .likelihood import model_nll
+
+    if args.out.suffix.lower() != ".json":
+        raise ConfigError(f"--out must name a .json file, got {args.out}")
+    device = resolve_device(args.device)
+    trained = load_trained_model(args.run, ema=args.ema, device=device, compile=args.compile, cpu_workers=args.cpu_workers)
+    result = model_nll(
+        trained, split=args.split, num=args.num, batch_size=args.batch_size, seed=args.seed, variance=args.variance,
+        device=device, work_dir=args.out.with_name(args.out.stem + "-work"), progress=not args.no_progress,
+    )
+    write_json(args.out, result, what="NLL result")
+    plot = plot_bound_terms(result, args.out.with_suffix(".png"))
+    settings = result["settings"]
+    print(f"ddpm: {settings['dataset']} {settings['split']}, {result['num_images']} of {settings['split_images']} images: "
+          f"NLL <= {result['bits_per_dim']:.4f} +- {result['standard_error']:.4f} bits/dim (standard error over images)")
+    print(f"ddpm: prior {result['prior']:.3g}, decoder {result['decoder']:.4f}, steps 2..{settings['num_steps']} "
+          f"{sum(result['terms']):.4f} bits/dim; variance {settings['variance']}, prediction {settings['prediction']}, "
+          f"{settings['weights']} weights of {settings['checkpoint']} (step {settings['step']}), seed {settings['seed']}; "
+          f"{result['wall_seconds']:.0f} s")
+    print(f"ddpm: wrote {args.out} and {plot}")
     return 0
 
 

@@ -227,13 +227,13 @@ def _generated_features(
     fingerprint: dict[str, Any],
 ) -> np.ndarray:
     """Features of the generated images; with a store folder, one file per finished batch."""
-    finished = _open_store(store, fingerprint) if store else []
+    finished = open_batch_store(store, fingerprint, what="generated features") if store else []
     count = sum(len(batch) for batch in finished)
     if count < num:
         for samples in generate(len(finished)):
             batch = generated_features(extractor, samples)[: num - count]
             if store:
-                _write_file(store / f"batch-{len(finished):06d}.npy", lambda handle: np.save(handle, batch))
+                write_batch(store, len(finished), batch)
             finished.append(batch)
             count += len(batch)
             if count >= num:
@@ -243,9 +243,15 @@ def _generated_features(
     return np.concatenate(finished)[:num]
 
 
-def _open_store(store: Path, fingerprint: dict[str, Any]) -> list[np.ndarray]:
-    """The batches an earlier run with the same settings finished, in order; a new store
-    gets the settings written first."""
+def write_batch(store: Path, index: int, batch: np.ndarray) -> None:
+    """Keep finished batch number ``index`` in ``store`` (atomically), for open_batch_store."""
+    _write_file(store / f"batch-{index:06d}.npy", lambda handle: np.save(handle, batch))
+
+
+def open_batch_store(store: Path, fingerprint: dict[str, Any], *, what: str) -> list[np.ndarray]:
+    """The batches (``batch-NNNNNN.npy``) an earlier run with the same settings finished, in
+    order; a new store gets the settings written first. ``what`` names the batches' contents
+    in the refusal of a store of other settings."""
     settings_file = store / "settings.json"
     if not settings_file.is_file():
         _write_file(settings_file, lambda handle: handle.write(json.dumps(fingerprint, indent=2).encode()))
@@ -256,7 +262,7 @@ def _open_store(store: Path, fingerprint: dict[str, Any]) -> list[np.ndarray]:
         stored = None
     if stored != fingerprint:
         raise ConfigError(
-            f"{store} holds generated features of other settings (see {settings_file.name}); "
+            f"{store} holds {what} of other settings (see {settings_file.name}); "
             "delete that folder or choose another output directory"
         )
     finished = []

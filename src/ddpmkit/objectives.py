@@ -101,7 +101,9 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log
     reflect = lower > 0
     lower, upper = torch.where(reflect, -upper, lower), torch.where(reflect, -lower, upper)
     log_upper = torch.special.log_ndtr(upper)
-    return log_upper + torch.log1p(-torch.exp(torch.special.log_ndtr(lower) - log_upper))
+    # The clamp keeps exp from underflowing into subnormals (a slow path of exp and log1p on
+    # CPUs); exp(-700) = 1e-304 changes the logarithm by 1e-304 at most.
+    return log_upper + torch.log1p(-torch.exp((torch.special.log_ndtr(lower) - log_upper).clamp(min=-700.0)))
 
 
 def prior_kl(schedule: NoiseSchedule, x0: torch.Tensor) -> torch.Tensor:
@@ -122,11 +124,14 @@ def vlb_term(
     and the discretized decoder's -log p_theta(x0 | x_1) at t = 1 (index 0, eq. 13).
     The true posterior's log variance is clipped as improved-diffusion's (it enters at t > 1 only)."""
     mean, _ = schedule.q_posterior(schedule.predict_x0_from_eps(x_t, t, eps), x_t, t)
-    true_mean, _ = schedule.q_posterior(x0, x_t, t)
-    kl = normal_kl(true_mean, _gather(schedule.clipped_log_posterior_variances, t, x_t), mean, log_variance)
-    decoder = -discretized_gaussian_log_likelihood(x0, mean, log_variance)
     first = (t == 0).reshape(t.shape + (1,) * (x0.dim() - 1))
-    return torch.where(first, decoder, kl.double())
+    if bool(first.all()):  # each part only where it is needed: the NLL evaluates one t at a time
+        return -discretized_gaussian_log_likelihood(x0, mean, log_variance)
+    true_mean, _ = schedule.q_posterior(x0, x_t, t)
+    kl = normal_kl(true_mean, _gather(schedule.clipped_log_posterior_variances, t, x_t), mean, log_variance).double()
+    if not bool(first.any()):
+        return kl
+    return torch.where(first, -discretized_gaussian_log_likelihood(x0, mean, log_variance), kl)
 
 
 def split_model_output(output: torch.Tensor, channels: int, learned_variance: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

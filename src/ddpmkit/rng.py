@@ -34,6 +34,13 @@ class ClassifierStream(IntEnum):
     TEST_NOISE = 4  # the noise of noised test images
 
 
+class LikelihoodStream(IntEnum):
+    """Streams of the NLL evaluation (likelihood.py)."""
+
+    SUBSET = 1  # which images of a split are evaluated, when not all
+    NOISE = 2  # + batch: the noise of x_t at every step, for one batch of images
+
+
 def seeded_generator(*keys: int) -> torch.Generator:
     """A CPU generator whose seed mixes all keys (numpy's SeedSequence avoids collisions)."""
     seed = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0])
