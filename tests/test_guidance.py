@@ -78,6 +78,27 @@ def test_guided_sampling_uses_eq_6_with_one_forward_pass_per_step(sampler):
                                              sampler=sampler, steps=7, generator=torch.Generator().manual_seed(4)))
 
 
+@pytest.mark.parametrize("prediction", ["x0", "v"])
+def test_classifier_free_guidance_of_an_x0_or_v_model_is_that_of_its_noise_predictor(prediction):
+    # A model of x0 or v gets the same guided samples as the noise predictor it implies: eq. 6
+    # combines the two predictions after each is turned into eps (guidance.py); the same as
+    # combining x0s or vs, since the conversions are affine and eq. 6's weights sum to 1.
+    schedule, labels, weight = linear_schedule(50), torch.tensor([1, 2]), 3.0
+    eps_model = ToyConditionalModel()
+
+    def target_model(x, t, y):
+        eps = eps_model(x, t, y)
+        abar = schedule.alpha_bars[t].to(x.dtype).view(-1, 1, 1, 1)
+        x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+        return x0 if prediction == "x0" else abar.sqrt() * eps - (1 - abar).sqrt() * x0
+
+    target_model.null_label = eps_model.null_label
+    runs = [sample(model, schedule, (2, 1, 3, 3), steps=7, labels=labels, guidance_scale=weight, prediction=name,
+                   dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+            for model, name in ((eps_model, "eps"), (target_model, prediction))]
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("labels, scale, model, message", [
     (torch.tensor([0]), -0.5, ToyConditionalModel(), ">= 0"),
     (torch.tensor([0]), float("nan"), ToyConditionalModel(), ">= 0"),

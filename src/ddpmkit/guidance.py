@@ -26,7 +26,8 @@ Classifier-free guidance (eq. 6 of Ho & Salimans):
     eps~(x_t, y) = (1 + w) eps(x_t, y) - w eps(x_t, null)
 
 with guidance weight ``w = guidance_scale >= 0``, combined in eps space: a model that
-predicts x0 or v has both of its predictions turned into eps first. A learned variance is
+predicts x0 or v has both of its predictions turned into eps first (the same as combining
+the x0s or vs: the conversions are affine in the prediction and eq. 6's weights sum to 1). A learned variance is
 the conditional prediction's (as GLIDE's sampling code takes it). ``w = 0`` is plain conditional sampling
 and is computed as exactly that (no unconditional pass at all). diffusers and the
 Stable Diffusion literature write the same combination as
