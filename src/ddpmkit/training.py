@@ -348,7 +348,7 @@ def _train_epoch(run: _Run, tensorboard: Any) -> None:
         if step % config.log_every == 0 or step == run.total_steps:
             mean_loss, speed = run.window.flush(run.accelerator)
             run.bar.set_postfix(epoch=position.epoch, loss=f"{mean_loss:.4f}", img_s=f"{speed:.0f}")
-            lr = warmup_learning_rate(config.lr, config.warmup_steps, step)
+            lr = run.optimizer.param_groups[0]["lr"]  # the step's, as the optimizer used it (warm-up)
             record = {"step": step, "epoch": position.epoch, "train_loss": mean_loss, "lr": lr, "images_per_s": speed}
             _log(run.main, run.run_dir, record, tensorboard)
         if run.stop.check(run.accelerator):
