@@ -115,3 +115,5 @@ def test_shipped_poster_configs_load():
         assert (config.dataset, config.schedule) == (dataset, schedule)
         assert config.attention_levels == ((1,) if attention == "attn" else ())
         assert config.epochs == (30 if dataset == "mnist" else 60) and config.lr == 1e-4
+        # Ho et al.'s CIFAR-10 recipe; a flipped digit is another image.
+        assert (config.warmup_steps, config.random_flip) == ((5000, True) if dataset == "cifar10" else (0, False))
