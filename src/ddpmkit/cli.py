@@ -598,16 +598,26 @@ def _add_experiment_commands(commands: Any) -> None:
     reverse.set_defaults(handler=_cmd_figures_reverse)
 
     ablation = commands.add_parser(
-        "ablation", help="train and evaluate schedule x attention combinations (the poster's ablation)",
-        description="Train each combination into OUT/<schedule>-<attn|noattn> (a finished run is skipped, an "
-        "unfinished one resumed), then FID, precision and recall against train and test on the features of the "
-        "dataset's classifier (ddpm train-classifier). Writes OUT/ablation.json.",
+        "ablation", help="train and evaluate a grid of settings (default: the poster's schedule x attention)",
+        description="Train each cell of the grid into OUT/<cell> (OUT/<schedule>-<attn|noattn> for the poster's; a "
+        "finished run is skipped, an unfinished one resumed), then FID, precision and recall against train and test on "
+        "the features of the dataset's classifier (ddpm train-classifier), and with --nll-images the NLL bound. "
+        "Writes OUT/ablation.json.",
     )
     ablation.add_argument("--config", type=Path, help="TOML file of TrainConfig keys shared by every run (e.g. a smaller model)")
     ablation.add_argument("--dataset", default=None, help=_HELP["dataset"])
     ablation.add_argument("--epochs", type=int, default=None, help="training epochs of every run")
-    ablation.add_argument("--schedules", type=_name_list, default=("linear", "cosine"), help="default linear,cosine")
-    ablation.add_argument("--attention", type=_name_list, default=("on", "off"), help="on, off or both (default on,off)")
+    ablation.add_argument("--schedules", type=_name_list, default=None, help="default linear,cosine")
+    ablation.add_argument("--attention", type=_name_list, default=None, help="on, off or both (default on,off)")
+    ablation.add_argument("--grid", type=_grid_axis, nargs="+", default=None, metavar="KEY=V1,V2",
+                          help="the grid instead of --schedules x --attention: TrainConfig keys (or attention=on,off) and "
+                               "their values, e.g. prediction=eps,v learn_variance=false,true (tuples as 1/2/2); "
+                               "every combination is one run")
+    ablation.add_argument("--fid-seeds", type=_int_list, default=None,
+                          help="sampling seeds, --num-fid samples each; the table gives mean +- sd (default: the config's seed)")
+    ablation.add_argument("--nll-images", type=int, default=0,
+                          help="images of each --nll-splits split for the NLL bound, all T steps (0, the default: no NLL)")
+    ablation.add_argument("--nll-splits", type=_split_list, default=("test",), help="default test")
     ablation.add_argument("--num-fid", type=int, default=8192, help="generated images per FID (default 8192, the poster's)")
     ablation.add_argument("--fid-batch-size", type=int, default=256, help="images per sampling batch")
     ablation.add_argument("--out", type=Path, required=True, help="folder of the runs and ablation.json")
@@ -663,15 +673,50 @@ def _cmd_figures_reverse(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_ablation(args: argparse.Namespace) -> int:
-    from .ablation import run_ablation
+def _grid_axis(text: str) -> tuple[str, tuple[Any, ...]]:
+    """KEY=V1,V2,... of --grid: a TrainConfig key (or attention) and its values, parsed by the key's type."""
+    key, equals, values = text.partition("=")
+    key = key.strip().replace("-", "_")
+    if not equals or not values.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE1,VALUE2,..., got {text!r}")
+    if key == "attention":
+        return key, _name_list(values)
+    annotation = typing.get_type_hints(TrainConfig).get(key)
+    if annotation is None:
+        raise argparse.ArgumentTypeError(f"unknown grid key {key!r}; TrainConfig keys ({', '.join(field_names())}) or attention")
+    if annotation is bool:
+        parse: Callable[[str], Any] = _true_or_false
+    elif _parser_for(annotation) is _int_list:
+        parse = lambda value: _int_list(value.replace("/", ","))  # noqa: E731 (a tuple's items are /-separated)
+    else:
+        parse = _parser_for(annotation)
+    try:
+        return key, tuple(parse(value.strip()) for value in values.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{key}: cannot read {values!r} as values of that key") from None
 
-    if args.num_fid < 2 or args.fid_batch_size < 1:
-        raise ConfigError("--num-fid must be >= 2 and --fid-batch-size >= 1")
+
+def _true_or_false(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() == "true"
+
+
+def _cmd_ablation(args: argparse.Namespace) -> int:
+    from .ablation import POSTER_GRID, run_ablation
+
+    if args.num_fid < 2 or args.fid_batch_size < 1 or args.nll_images < 0:
+        raise ConfigError("--num-fid must be >= 2, --fid-batch-size >= 1 and --nll-images >= 0")
+    if args.grid is not None and (args.schedules or args.attention):
+        raise ConfigError("--grid replaces --schedules and --attention; give them as grid keys: schedule=linear,cosine attention=on,off")
+    grid = dict(args.grid or ())
+    if args.grid is not None and len(grid) < len(args.grid):
+        raise ConfigError("--grid names a key twice")
+    grid = grid or {"schedule": args.schedules or POSTER_GRID["schedule"], "attention": args.attention or POSTER_GRID["attention"]}
     base = resolve_config(args.config, {"dataset": args.dataset, "epochs": args.epochs})
     rows = run_ablation(
-        base, args.out, schedules=args.schedules, attentions=args.attention, num_fid=args.num_fid,
-        sampling=sampler_kwargs(args), seed=base.seed, batch_size=args.fid_batch_size,
+        base, args.out, grid=grid, num_fid=args.num_fid, sampling=sampler_kwargs(args), seeds=args.fid_seeds or (base.seed,),
+        batch_size=args.fid_batch_size, nll_images=args.nll_images, nll_splits=args.nll_splits,
         device=resolve_device(base.device), progress=not args.no_progress,
     )
     print(f"ddpm: {len(rows)} combination(s); table {args.out / 'ablation.json'}")
