@@ -35,7 +35,7 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
         key: [(r["step"], r[key]) for r in records if r.get(key) is not None]
         for key in ("train_loss", "val_loss", "fid")
     }
-    panels = [("loss (MSE on the noise)", ["train_loss", "val_loss"])]
+    panels = [("loss (the training objective; MSE on the noise by default)", ["train_loss", "val_loss"])]
     if series["fid"]:
         panels.append(("FID (validation minibatches)", ["fid"]))
     figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
