@@ -35,6 +35,12 @@ _HELP = {
     "tensorboard": "also log metrics and sample grids to RUN/tensorboard (pip install 'ddpmkit[tensorboard]')",
     "compile": "torch.compile the model (Accelerate's inductor backend): opt-in, compiling first takes minutes",
     "cpu_workers": _CPU_WORKERS_HELP,
+    "prediction": "what the network predicts: eps (Ho et al.), x0, or v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho)",
+    "learn_variance": "also output the reverse variance (Improved DDPM eq. 15), trained by the hybrid loss L_simple + 0.001 L_vlb",
+    "loss_weighting": "none, or min-snr: weight each t by min(SNR, gamma) in x0 units (Hang et al. 2023)",
+    "min_snr_gamma": "gamma of --loss-weighting min-snr",
+    "warmup_steps": "linear learning-rate warm-up over this many steps (Ho et al.'s CIFAR-10: 5000; 0: off)",
+    "random_flip": "flip training images horizontally with p = 1/2 (Ho et al.'s CIFAR-10; not for digits)",
 }
 
 
