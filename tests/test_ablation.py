@@ -165,6 +165,8 @@ def test_a_grid_with_two_sampling_seeds_and_the_nll(folder_dataset, tmp_path, mo
     nll = row["nll"]["test"]
     assert nll["num_images"] == 3 and row["test_nll"] == nll["bits_per_dim"] > 0 and "train_nll" not in row
     assert row["provenance"]["nll_settings"]["variance"] == "learned"
+    written = json.loads((tmp_path / "grid" / row["name"] / "nll-test.json").read_text())
+    assert written["bits_per_dim"] == row["test_nll"] and (tmp_path / "grid" / row["name"] / "nll-test.png").is_file()
     # Run again: the NLL's batches are stored, so the model is not evaluated again.
     monkeypatch.setattr("ddpmkit.likelihood.bound_terms", lambda *a, **k: pytest.fail("evaluated again"))
     [again] = run_ablation(base, tmp_path / "grid", **kwargs)

@@ -28,6 +28,7 @@ from .choices import ATTENTION_SWITCHES, SCHEDULE_NAMES, Split
 from .config import TrainConfig, field_names
 from .data import load_dataset
 from .errors import ConfigError, DdpmError
+from .figures import plot_bound_terms
 from .fid import FeatureExtractor, fid_settings, load_extractor, model_fid, reference_features, settings_digest
 from .io import write_json
 from .likelihood import model_nll
@@ -155,13 +156,17 @@ def evaluate_run(
 
 def evaluate_nll(run_dir: Path, *, split: Split, num: int, seed: int, batch_size: int, device: str, progress: bool = True) -> dict[str, Any]:
     """likelihood.model_nll of ``num`` images of ``split`` under the run's latest checkpoint (EMA
-    weights, its own variance), resumable in ``RUN/nll/<digest of the settings>/``."""
+    weights, its own variance), resumable in ``RUN/nll/<digest of the settings>/``; written, with
+    the plot of its per-step terms, to ``RUN/nll-<split>.json`` and ``.png``, as ``ddpm nll`` does."""
     trained = load_trained_model(run_dir, ema=True, device=device)
     settings = {"checkpoint": str(trained.path.resolve()), "step": trained.step, "split": split, "num": num, "seed": seed, "batch_size": batch_size}
-    return model_nll(
+    result = model_nll(
         trained, split=split, num=num, batch_size=batch_size, seed=seed, device=device,
         work_dir=run_dir / "nll" / settings_digest(settings), progress=progress, description=f"NLL {split} {run_dir.name}",
     )
+    path = write_json(run_dir / f"nll-{split}.json", result, what="NLL result")
+    plot_bound_terms(result, path.with_suffix(".png"))
+    return result
 
 
 def run_ablation(

@@ -48,6 +48,7 @@ _DESCRIPTIONS = (
     (re.compile(r"^reverse.*\.png$"), "reverse process: x_t and predicted x0"),
     (re.compile(r"^fid_vs_nfe\.png$"), "FID against the number of model evaluations"),
     (re.compile(r".*sweep.*\.png$"), "guidance trade-off"),
+    (re.compile(r"^nll.*\.png$"), "NLL bound: the bits/dim of each step's term"),
     (re.compile(r"^samples.*\.png$"), "samples"),
 )
 _STYLE = """
