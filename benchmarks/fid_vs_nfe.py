@@ -29,6 +29,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ddpmkit.checkpoint import load_trained_model  # noqa: E402
+from ddpmkit.config import model_output_options  # noqa: E402
 from ddpmkit.data import load_dataset  # noqa: E402
 from ddpmkit.fid import compute_fid, load_extractor, reference_features  # noqa: E402
 from ddpmkit.samplers import SAMPLER_NAMES, SPACING_NAMES, sample_batches  # noqa: E402
@@ -47,6 +48,7 @@ def main() -> None:
     args = parser.parse_args()
 
     trained = load_trained_model(args.run, ema=True)
+    output = model_output_options(trained.config)  # the model's prediction target and variance
     dataset = trained.config.dataset
     out = args.out or (Path(args.run) / "fid-vs-nfe")
     out.mkdir(parents=True, exist_ok=True)
@@ -64,13 +66,13 @@ def main() -> None:
                 if measured is not None and measured["num"] == args.num:
                     rows.append(measured)
                 else:
-                    settings = dict(checkpoint=str(trained.path), step=trained.step, sampler=sampler, steps=nfe, spacing=spacing, seed=args.seed, batch_size=args.batch_size)
+                    settings = dict(checkpoint=str(trained.path), step=trained.step, sampler=sampler, steps=nfe, spacing=spacing, seed=args.seed, batch_size=args.batch_size, **output)
                     started = time.perf_counter()
 
                     def generate(start_batch: int, sampler: str = sampler, nfe: int = nfe, spacing: str = spacing):
                         return sample_batches(
                             trained.model, trained.schedule, args.num, args.batch_size, trained.image_shape,
-                            seed=args.seed, start_batch=start_batch, sampler=sampler, steps=nfe, spacing=spacing,
+                            seed=args.seed, start_batch=start_batch, sampler=sampler, steps=nfe, spacing=spacing, **output,
                         )
 
                     result = compute_fid(generate, args.num, extractor, [reference], settings=settings, work_dir=work)

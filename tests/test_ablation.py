@@ -1,4 +1,4 @@
-"""The ablation: its combinations, and training that skips finished runs and resumes unfinished ones."""
+"""The grid runner: its cells, and training that skips finished runs and resumes unfinished ones."""
 
 import json
 
@@ -7,7 +7,7 @@ import pytest
 from conftest import tiny_config
 from ddpmkit import ConfigError, DdpmError
 from ddpmkit import ablation, fid
-from ddpmkit.ablation import Combination, combinations, is_finished, run_ablation
+from ddpmkit.ablation import POSTER_GRID, Cell, grid_cells, is_finished, run_ablation
 from ddpmkit.checkpoint import latest_checkpoint, load_checkpoint
 from ddpmkit.classifier import Classifier, classifier_cache_dir, save_classifier
 from ddpmkit.io import safe_name
@@ -17,18 +17,63 @@ from ddpmkit.training import train
 SAMPLING = {"sampler": "ddim", "steps": 3}
 
 
-def test_combinations_and_their_configs(folder_dataset):
+def poster_cell(schedule, attention):
+    return Cell((("schedule", schedule), ("attention", attention)))
+
+
+def test_the_posters_cells_and_their_configs(folder_dataset):
     base = tiny_config(folder_dataset, channel_mults=(1, 2, 2))
-    cells = combinations(["linear", "cosine"], ["off", "on", "off"])
+    cells = grid_cells({"schedule": ["linear", "cosine"], "attention": ["off", "on", "off"]})
     assert [cell.name for cell in cells] == ["linear-noattn", "linear-attn", "cosine-noattn", "cosine-attn"]
-    on = Combination("cosine", "on").config(base)
+    assert [cell.name for cell in grid_cells(POSTER_GRID)] == ["linear-attn", "linear-noattn", "cosine-attn", "cosine-noattn"]
+    on = poster_cell("cosine", "on").config(base)
     assert on.schedule == "cosine" and on.attention_levels == (1,)  # the middle of 3 levels, as the poster
-    assert Combination("linear", "on").config(base.replace(attention_levels=(0, 2))).attention_levels == (0, 2)
-    assert Combination("linear", "off").config(base.replace(attention_levels=(0, 2))).attention_levels == ()
+    assert poster_cell("linear", "on").config(base.replace(attention_levels=(0, 2))).attention_levels == (0, 2)
+    assert poster_cell("linear", "off").config(base.replace(attention_levels=(0, 2))).attention_levels == ()
     with pytest.raises(ConfigError, match="unknown schedule 'quadratic'"):
-        combinations(["quadratic"], ["on"])
+        grid_cells({"schedule": ["quadratic"], "attention": ["on"]})
     with pytest.raises(ConfigError, match="attention must be one of"):
-        Combination("linear", "yes")
+        poster_cell("linear", "yes")
+
+
+def test_a_grid_of_any_keys(folder_dataset):
+    base = tiny_config(folder_dataset)
+    cells = grid_cells({"prediction": ["eps", "v"], "learn_variance": [False, True], "channel_mults": [(1, 2), (1,)]})
+    assert len(cells) == 8 and cells[0].name == "prediction=eps-learn_variance=false-channel_mults=1/2"
+    assert cells[-1].name == "prediction=v-learn_variance=true-channel_mults=1"
+    config = cells[-1].config(base)
+    assert (config.prediction, config.learn_variance, config.channel_mults) == ("v", True, (1,))
+    assert config.replace(prediction="eps", learn_variance=False, channel_mults=(1, 2)) == base
+    with pytest.raises(ConfigError, match="unknown grid key 'learning_rate'"):
+        grid_cells({"learning_rate": [1e-3]})
+    with pytest.raises(ConfigError, match="prediction must be one of 'eps', 'x0', 'v', got 'score'"):
+        grid_cells({"prediction": ["score"]})[0].config(base)
+    with pytest.raises(ConfigError, match="at least one value"):
+        grid_cells({"prediction": []})
+
+
+def test_the_command_line_reads_a_grid_by_the_keys_types(monkeypatch, tmp_path):
+    seen = {}
+    def fake_run_ablation(base, out_dir, **kwargs):  # records its arguments; the command then prints the (empty) table
+        seen.update(kwargs)
+        ablation.write_ablation(out_dir / "ablation.json", [], dataset=base.dataset, num_fid=6, sampling=kwargs["sampling"])
+        return []
+
+    monkeypatch.setattr(ablation, "run_ablation", fake_run_ablation)
+    out = str(tmp_path / "out")
+    assert main(["ablation", "--out", out, "--grid", "prediction=eps,v", "learn-variance=false,true", "min_snr_gamma=1,5",
+                 "channel_mults=1/2/2,1/2", "attention=on", "--fid-seeds", "0,1", "--nll-images", "10"]) == 0
+    assert seen["grid"] == {"prediction": ("eps", "v"), "learn_variance": (False, True), "min_snr_gamma": (1.0, 5.0),
+                            "channel_mults": ((1, 2, 2), (1, 2)), "attention": ("on",)}
+    assert seen["seeds"] == (0, 1) and seen["nll_images"] == 10 and seen["nll_splits"] == ("test",)
+    assert main(["ablation", "--out", out]) == 0 and seen["grid"] == {"schedule": ("linear", "cosine"), "attention": ("on", "off")}
+    assert main(["ablation", "--out", out, "--schedules", "cosine"]) == 0 and seen["grid"]["schedule"] == ("cosine",)
+    assert main(["ablation", "--out", out, "--grid", "prediction=v", "--schedules", "cosine"]) == 2
+    assert main(["ablation", "--out", out, "--grid", "prediction=v", "prediction=x0"]) == 2
+    with pytest.raises(SystemExit):
+        main(["ablation", "--out", out, "--grid", "learn_variance=maybe"])
+    with pytest.raises(SystemExit):
+        main(["ablation", "--out", out, "--grid", "lrate=1"])
 
 
 def test_is_finished_by_epochs_or_max_steps(folder_dataset):
@@ -42,7 +87,7 @@ def test_is_finished_by_epochs_or_max_steps(folder_dataset):
 def test_a_missing_classifier_stops_the_ablation_before_training(folder_dataset, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DDPMKIT_CACHE", str(tmp_path / "cache"))
     with pytest.raises(DdpmError, match=f"ddpm train-classifier --dataset folder:{folder_dataset}"):
-        run_ablation(tiny_config(folder_dataset), tmp_path / "out", schedules=["linear"], attentions=["off"],
+        run_ablation(tiny_config(folder_dataset), tmp_path / "out", grid={"schedule": ["linear"], "attention": ["off"]},
                      num_fid=4, sampling=SAMPLING)
     assert not (tmp_path / "out").exists()
     assert main(["ablation", "--dataset", f"folder:{folder_dataset}", "--out", str(tmp_path / "out")]) == 2
@@ -57,7 +102,7 @@ def test_ablation_resumes_skips_and_reuses_its_samples(folder_dataset, tmp_path,
     base = tiny_config(folder_dataset, epochs=2, preview_images=0)  # 43 train images, batch 8: 5 steps per epoch
     out = tmp_path / "ablation"
     # linear-noattn was stopped at step 3 of 10; linear-attn was never started.
-    train(Combination("linear", "off").config(base).replace(max_steps=3), out / "linear-noattn", progress=False)
+    train(poster_cell("linear", "off").config(base).replace(max_steps=3), out / "linear-noattn", progress=False)
     calls = []
 
     def spy(config, run_dir, *, resume, progress):
@@ -65,7 +110,7 @@ def test_ablation_resumes_skips_and_reuses_its_samples(folder_dataset, tmp_path,
         return train(config, run_dir, resume=resume, progress=progress)
 
     monkeypatch.setattr(ablation, "train", spy)
-    kwargs = dict(schedules=["linear"], attentions=["off", "on"], num_fid=6, sampling=SAMPLING, batch_size=4, progress=False)
+    kwargs = dict(grid={"schedule": ["linear"], "attention": ["off", "on"]}, num_fid=6, sampling=SAMPLING, batch_size=4, progress=False)
     rows = run_ablation(base, out, **kwargs)
     assert calls == [("linear-noattn", True), ("linear-attn", False)]
     for name, levels in (("linear-noattn", []), ("linear-attn", [1])):
@@ -123,9 +168,34 @@ def test_the_ablation_command_prints_its_table(folder_dataset, tmp_path, monkeyp
     assert main(["ablation", "--dataset", f"folder:{folder_dataset}", "--out", str(out), "--sampler", "ddim", "--steps", "3"]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].split() == ["run", "train", "FID", "test", "FID", "train", "precision", "train", "recall", "test",
-                                  "precision", "test", "recall", "step", "train", "s", "FID", "s"]
-    assert printed[1].split() == ["linear-noattn", "12.50", "14.25", "0.50", "0.25", "0.50", "0.25", "10", "3", "2"]
+                                  "precision", "test", "recall", "FID", "seeds", "step", "train", "s", "FID", "s", "NLL", "s"]
+    assert printed[1].split() == ["linear-noattn", "12.50", "14.25", "0.50", "0.25", "0.50", "0.25", "-", "10", "3", "2", "-"]
     assert printed[-1] == f"ddpm: next: ddpm report {out}"
     # What sampled the FID images, the spacing included, and of eta and the variance only ddim's eta.
     assert json.loads((out / "ablation.json").read_text())["sampling"] == {
         "sampler": "ddim", "steps": 3, "spacing": "trailing", "clip_denoised": True, "eta": 0.0}
+
+
+def test_a_grid_with_two_sampling_seeds_and_the_nll(folder_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("DDPMKIT_CACHE", str(tmp_path / "cache"))
+    dataset = f"folder:{folder_dataset}"
+    save_classifier(Classifier(1, 8, num_classes=2, width=8), {"dataset": dataset}, classifier_cache_dir() / safe_name(dataset))
+    base = tiny_config(folder_dataset, epochs=1, preview_images=0)
+    kwargs = dict(grid={"prediction": ["v"], "learn_variance": [True]}, num_fid=6, sampling=SAMPLING, seeds=(0, 1),
+                  batch_size=4, nll_images=3, progress=False)
+    [row] = run_ablation(base, tmp_path / "grid", **kwargs)
+    assert row["name"] == "prediction=v-learn_variance=true" and row["settings"] == {"prediction": "v", "learn_variance": True}
+    assert [seed["seed"] for seed in row["seeds"]] == [0, 1]
+    fids = [seed["scores"]["test"]["fid"] for seed in row["seeds"]]
+    assert fids[0] != fids[1]
+    assert row["test_fid"] == pytest.approx(sum(fids) / 2) and row["test_fid_sd"] == pytest.approx(abs(fids[0] - fids[1]) / 2**0.5)
+    assert row["provenance"]["settings"]["variance"] == "learned" and row["provenance"]["settings"]["prediction"] == "v"
+    nll = row["nll"]["test"]
+    assert nll["num_images"] == 3 and row["test_nll"] == nll["bits_per_dim"] > 0 and "train_nll" not in row
+    assert row["provenance"]["nll_settings"]["variance"] == "learned"
+    written = json.loads((tmp_path / "grid" / row["name"] / "nll-test.json").read_text())
+    assert written["bits_per_dim"] == row["test_nll"] and (tmp_path / "grid" / row["name"] / "nll-test.png").is_file()
+    # Run again: the NLL's batches are stored, so the model is not evaluated again.
+    monkeypatch.setattr("ddpmkit.likelihood.bound_terms", lambda *a, **k: pytest.fail("evaluated again"))
+    [again] = run_ablation(base, tmp_path / "grid", **kwargs)
+    assert again["test_nll"] == row["test_nll"] and again["test_fid"] == row["test_fid"]

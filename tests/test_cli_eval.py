@@ -233,6 +233,33 @@ def test_per_epoch_fid_tensorboard_and_fid_curve(cache, folder_dataset, tmp_path
     assert Image.open(run_dir / "curves.png").size[0] == 2 * 660  # two panels: loss and FID
 
 
+def test_a_v_model_with_a_learned_variance_through_every_evaluation(cache, folder_dataset, tmp_path, monkeypatch, capsys):
+    # Training's validation loss, preview grid and per-epoch FID, then ddpm fid, figures reverse and
+    # sample: each reads the model's output as v with its learned variance, without being told.
+    monkeypatch.setenv("DDPMKIT_CACHE", str(cache))
+    run_dir = tmp_path / "run"
+    argv = ["train", "--dataset", _dataset(folder_dataset), "--out", str(run_dir), *TINY_TRAIN, "--epochs", "1",
+            "--fid-batches", "1", "--prediction", "v", "--learn-variance", "--preview-sampler", "ddpm"]
+    assert main(argv) == 0
+    [epoch] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
+    trained = load_trained_model(run_dir)
+    validation = load_dataset(_dataset(folder_dataset), "val", image_size=8, channels=1)
+    expected = minibatch_fid(
+        trained.model, trained.schedule, validation, classifier_extractor(find_classifier(_dataset(folder_dataset))),
+        num_images=8, batch_size=8, seed=seeded_generator(0, TrainingStream.FID).initial_seed(), sampler="ddpm", steps=5,
+        prediction="v", variance="learned",
+    )
+    assert math.isfinite(epoch["val_loss"]) and epoch["fid"] == pytest.approx(expected, rel=1e-5)
+    out = tmp_path / "fid.json"
+    assert main(["fid", str(run_dir), *FID_ARGS, "--sampler", "ddpm", "--out", str(out)]) == 0
+    settings = json.loads(out.read_text())["settings"]
+    assert (settings["prediction"], settings["variance"]) == ("v", "learned")
+    assert main(["figures", "reverse", str(run_dir), "--sampler", "ddpm", "--steps", "4", "--frames", "2"]) == 0
+    assert (run_dir / "reverse-ddpm-4.png").is_file()
+    assert main(["fid", str(run_dir), *FID_ARGS, "--sampler", "ddpm", "--variance", "posterior", "--out", str(tmp_path / "p.json")]) == 2
+    assert "learns its variance" in capsys.readouterr().err
+
+
 def test_per_epoch_fid_is_off_with_one_notice_without_a_classifier(folder_dataset, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DDPMKIT_CACHE", str(tmp_path / "empty"))
     train(tiny_config(folder_dataset, fid_batches=5, preview_images=0), tmp_path / "run", progress=False)

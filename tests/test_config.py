@@ -5,7 +5,7 @@ import json
 import pytest
 
 from ddpmkit import ConfigError
-from ddpmkit.config import TrainConfig, config_from_dict, field_names, resolve_config
+from ddpmkit.config import TrainConfig, config_from_dict, field_names, model_output_options, resolve_config
 
 
 def test_defaults_are_the_posters_mnist_setting():
@@ -37,12 +37,42 @@ def test_json_round_trip():
         ({"dropout": 1.0}, "dropout must be in [0, 1)"),
         ({"preview_steps": 2000}, "preview_steps must be in [1, num_steps=1000]"),
         ({"batch": 64}, "unknown key(s) batch; valid keys: dataset,"),
+        ({"prediction": "score"}, "prediction must be one of 'eps', 'x0', 'v', got 'score'"),
+        ({"loss_weighting": "snr"}, "loss_weighting must be one of 'none', 'min-snr'"),
+        ({"min_snr_gamma": 0}, "min_snr_gamma must be > 0, got 0.0"),
+        ({"min_snr_gamma": -5}, "min_snr_gamma must be > 0"),
+        ({"warmup_steps": -1}, "warmup_steps must be >= 0"),
+        ({"learn_variance": "yes"}, "learn_variance must be true or false"),
+        ({"random_flip": 1}, "random_flip must be true or false"),
     ],
 )
 def test_invalid_values_name_the_problem(values, message):
     with pytest.raises(ConfigError) as info:
         config_from_dict(values)
     assert message in str(info.value)
+
+
+def test_a_config_written_before_the_objective_keys_loads_as_that_days_training():
+    # config.json of a run from before prediction, learn_variance, loss_weighting, min_snr_gamma,
+    # warmup_steps and random_flip existed: eps prediction, fixed variances, plain MSE, no
+    # warm-up, no flips.
+    old = TrainConfig(dataset="mnist-5k", epochs=3).to_dict()
+    for key in ("prediction", "learn_variance", "loss_weighting", "min_snr_gamma", "warmup_steps", "random_flip"):
+        del old[key]
+    config = config_from_dict(old)
+    assert (config.prediction, config.learn_variance, config.loss_weighting, config.warmup_steps, config.random_flip) == (
+        "eps", False, "none", 0, False)
+    assert model_output_options(config) == {"prediction": "eps", "variance": "beta"}
+
+
+def test_model_output_options_follow_the_model():
+    learned = TrainConfig(prediction="v", learn_variance=True)
+    assert model_output_options(learned) == {"prediction": "v", "variance": "learned"}
+    assert model_output_options(TrainConfig(), "posterior") == {"prediction": "eps", "variance": "posterior"}
+    with pytest.raises(ConfigError, match="learns its variance"):
+        model_output_options(learned, "beta")
+    with pytest.raises(ConfigError, match="needs a model trained with learn_variance"):
+        model_output_options(TrainConfig(), "learned")
 
 
 def test_unknown_key_error_lists_every_valid_key():
@@ -85,3 +115,5 @@ def test_shipped_poster_configs_load():
         assert (config.dataset, config.schedule) == (dataset, schedule)
         assert config.attention_levels == ((1,) if attention == "attn" else ())
         assert config.epochs == (30 if dataset == "mnist" else 60) and config.lr == 1e-4
+        # Ho et al.'s CIFAR-10 recipe; a flipped digit is another image.
+        assert (config.warmup_steps, config.random_flip) == ((5000, True) if dataset == "cifar10" else (0, False))

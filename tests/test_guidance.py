@@ -8,7 +8,7 @@ import torch
 
 from ddpmkit import ConfigError, linear_schedule
 from ddpmkit.classifier import Classifier
-from ddpmkit.guidance import GUIDANCE_FORMS, make_classifier_guidance, make_denoiser
+from ddpmkit.guidance import GUIDANCE_FORMS, Denoised, make_classifier_guidance, make_denoiser
 from ddpmkit.unet import NO_LABEL
 from ddpmkit.samplers import sample, timestep_indices
 from ddpmkit.unet import UNet
@@ -31,11 +31,12 @@ def test_guided_noise_is_eq_6_from_one_forward_pass():
     model, weight = ToyConditionalModel(), 2.5
     labels = torch.tensor([0, 3, 7])
     x, t = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(0)), torch.tensor([5, 5, 5])
-    guided = make_denoiser(model, labels, weight)(x, t)
+    guided = make_denoiser(model, labels, weight, schedule=linear_schedule(30))(x, t)
     assert model.calls == [[0, 3, 7, 10, 10, 10]]  # one pass: conditional half, then "no label"
     conditional = model(x, t, labels)
     unconditional = model(x, t, torch.full((3,), 10))
-    torch.testing.assert_close(guided, (1 + weight) * conditional - weight * unconditional)
+    torch.testing.assert_close(guided.eps, (1 + weight) * conditional - weight * unconditional)
+    assert guided.variance_values is None
 
 
 def test_models_without_null_label_get_minus_one():
@@ -45,7 +46,7 @@ def test_models_without_null_label_get_minus_one():
         seen.append(y.tolist())
         return torch.zeros_like(x)
 
-    make_denoiser(model, torch.tensor([4, 5]), 1.0)(torch.zeros(2, 1, 1, 1), torch.tensor([0, 0]))
+    make_denoiser(model, torch.tensor([4, 5]), 1.0, schedule=linear_schedule(30))(torch.zeros(2, 1, 1, 1), torch.tensor([0, 0]))
     assert NO_LABEL == -1 and seen == [[4, 5, -1, -1]]
 
 
@@ -77,6 +78,27 @@ def test_guided_sampling_uses_eq_6_with_one_forward_pass_per_step(sampler):
                                              sampler=sampler, steps=7, generator=torch.Generator().manual_seed(4)))
 
 
+@pytest.mark.parametrize("prediction", ["x0", "v"])
+def test_classifier_free_guidance_of_an_x0_or_v_model_is_that_of_its_noise_predictor(prediction):
+    # A model of x0 or v gets the same guided samples as the noise predictor it implies: eq. 6
+    # combines the two predictions after each is turned into eps (guidance.py); the same as
+    # combining x0s or vs, since the conversions are affine and eq. 6's weights sum to 1.
+    schedule, labels, weight = linear_schedule(50), torch.tensor([1, 2]), 3.0
+    eps_model = ToyConditionalModel()
+
+    def target_model(x, t, y):
+        eps = eps_model(x, t, y)
+        abar = schedule.alpha_bars[t].to(x.dtype).view(-1, 1, 1, 1)
+        x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+        return x0 if prediction == "x0" else abar.sqrt() * eps - (1 - abar).sqrt() * x0
+
+    target_model.null_label = eps_model.null_label
+    runs = [sample(model, schedule, (2, 1, 3, 3), steps=7, labels=labels, guidance_scale=weight, prediction=name,
+                   dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+            for model, name in ((eps_model, "eps"), (target_model, prediction))]
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("labels, scale, model, message", [
     (torch.tensor([0]), -0.5, ToyConditionalModel(), ">= 0"),
     (torch.tensor([0]), float("nan"), ToyConditionalModel(), ">= 0"),
@@ -85,7 +107,7 @@ def test_guided_sampling_uses_eq_6_with_one_forward_pass_per_step(sampler):
 ])
 def test_invalid_guidance_raises_config_error(labels, scale, model, message):
     with pytest.raises(ConfigError, match=message):
-        make_denoiser(model, labels, scale)
+        make_denoiser(model, labels, scale, schedule=linear_schedule(30))
 
 
 # --- classifier guidance (Dhariwal & Nichol 2021) ----------------------------------------------
@@ -184,14 +206,17 @@ def test_guided_noise_is_algorithm_2_and_the_poster_form_has_no_sqrt_factor():
     t, labels, scale = torch.tensor([0, 10, 500, 999]), torch.tensor([0, 1, 1, 0]), 2.5
     sqrt_one_minus_abar = (1 - SCHEDULE.alpha_bars[t]).sqrt().view(-1, 1, 1, 1)  # 0.01 at t = 0
 
-    def denoiser(x_t, t):
+    def eps(x_t, t):
         return torch.sin(x_t) * (t.view(-1, 1, 1, 1) + 1) / 1000
 
+    values = torch.full_like(x, 0.25)
+    denoiser = lambda x_t, t: Denoised(eps(x_t, t), values)  # noqa: E731
     noisy, clean = MixtureClassifier(SCHEDULE), MixtureClassifier()
     guided = make_classifier_guidance(noisy, labels, scale).guide(denoiser, SCHEDULE)(x, t)
-    torch.testing.assert_close(guided, denoiser(x, t) - sqrt_one_minus_abar * scale * noisy.gradient(x, t, labels))
+    torch.testing.assert_close(guided.eps, eps(x, t) - sqrt_one_minus_abar * scale * noisy.gradient(x, t, labels))
     poster = make_classifier_guidance(clean, labels, scale, "poster").guide(denoiser, SCHEDULE)(x, t)
-    torch.testing.assert_close(poster, denoiser(x, t) - scale * clean.gradient(x, None, labels))
+    torch.testing.assert_close(poster.eps, eps(x, t) - scale * clean.gradient(x, None, labels))
+    assert guided.variance_values is values and poster.variance_values is values  # guidance leaves the variance
 
 
 @pytest.mark.parametrize("variance", ["beta", "posterior"])

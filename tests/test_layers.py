@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("foundations", {"__init__", "errors", "choices", "validation", "rng", "io", "images", "batch_threads"}),
     ("maths", {"schedules", "group_norm", "unet", "objectives", "metrics"}),
     ("samplers and guidance", {"guidance", "samplers"}),
-    ("training and evaluation", {"data", "config", "checkpoint", "classifier", "inception", "fid", "training"}),
+    ("training and evaluation", {"data", "config", "checkpoint", "classifier", "inception", "fid", "likelihood", "training"}),
     ("experiments", {"ablation", "sweeps", "figures", "report", "demo", "interop"}),
     ("command line", {"cli", "__main__"}),
 ]

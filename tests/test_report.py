@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from conftest import tiny_config
-from ddpmkit.ablation import Combination
+from ddpmkit.ablation import POSTER_GRID, grid_cells
 from ddpmkit.checkpoint import load_trained_model
 from ddpmkit.cli import main
 from ddpmkit.figures import forward_process_figure, plot_metrics, reverse_process_figure
@@ -37,10 +37,12 @@ INSTALL_HINT = "headless Chromium is needed for this test: apt-get install -y ch
 
 
 def _fixture_row(name, train_fid, test_fid, config):
-    cell = next(c for c in (Combination(s, a) for s in ("linear", "cosine") for a in ("on", "off")) if c.name == name)
+    # A row as ddpm ablation wrote them before grids of any key: no "settings", no seeds, no NLL.
+    cell = next(c for c in grid_cells(POSTER_GRID) if c.name == name)
+    schedule, attention = (value for _, value in cell.settings)
     score = {"precision": 0.5, "recall": 0.25}
     return {
-        "name": name, "schedule": cell.schedule, "attention": cell.attention, "run_dir": f"elsewhere/{name}",
+        "name": name, "schedule": schedule, "attention": attention, "run_dir": f"elsewhere/{name}",
         "train_fid": train_fid, "test_fid": test_fid,
         "scores": {"train": {"fid": train_fid, **score}, "test": {"fid": test_fid, **score}},
         "step": 5, "train_seconds": 1.0, "eval_seconds": 2.0, "config": config,
@@ -117,6 +119,22 @@ def test_the_page_leads_with_a_table_of_the_runs_and_their_results(runs_dir):
 def test_a_report_of_one_run_folder_is_headed_by_its_name(runs_dir, tmp_path):
     html_path, _ = write_report(runs_dir / "ablation" / "linear-attn", tmp_path)
     assert "<h2>Run linear-attn</h2>" in html_path.read_text()
+
+
+def test_a_grid_of_other_keys_gets_a_column_per_cell_with_spreads_and_the_nll():
+    # Made-up test fixture numbers, as the rows ddpm ablation writes now: settings, seeds, NLL.
+    def row(name, prediction, test_fid, spread, nll):
+        return {"name": name, "settings": {"prediction": prediction}, "train_fid": test_fid - 1, "test_fid": test_fid,
+                "train_fid_sd": spread, "test_fid_sd": spread, "test_nll": nll,
+                "nll": {"test": {"bits_per_dim": nll, "standard_error": 0.01}}}
+
+    table = {"rows": [row("prediction=eps", "eps", 20.5, 1.25, 1.5), row("prediction=v", "v", 18.0, 0.5, 1.25)]}
+    assert poster_table(table) == [
+        ["", "prediction eps", "prediction v"],
+        ["Train-FID", "19.50 +- 1.25", "17.00 +- 0.50"],
+        ["Test-FID", "20.50 +- 1.25", "18.00 +- 0.50"],
+        ["Test-NLL (bits/dim)", "1.5000 +- 0.0100", "1.2500 +- 0.0100"],
+    ]
 
 
 def test_report_command_writes_html_and_markdown(runs_dir, tmp_path, capsys):

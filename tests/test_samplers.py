@@ -390,7 +390,9 @@ def test_samples_on_the_model_device_unless_told():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"sampler": "euler"}, "sampler"),
-    ({"variance": "learned"}, "variance"),
+    ({"variance": "small"}, "unknown variance 'small'"),
+    ({"variance": "learned"}, r"outputs 1 channel\(s\) for 1-channel images; expected 2"),
+    ({"prediction": "score"}, "unknown prediction 'score'"),
     ({"spacing": "leading"}, "spacing"),
     ({"steps": 0}, "steps"),
     ({"steps": 31}, "steps"),
@@ -423,6 +425,75 @@ def test_every_sampler_name_is_accepted():
     for sampler in SAMPLER_NAMES:
         x0 = sample(toy_eps_model(30), linear_schedule(30), (2, 1, 2, 2), sampler=sampler, steps=4)
         assert x0.shape == (2, 1, 2, 2)
+
+
+# --- prediction targets and the learned variance -------------------------------------------------
+
+def as_target(eps_model, schedule, prediction):
+    """The x0 or v predictor that the noise predictor ``eps_model`` implies (eq. 4; v of Salimans & Ho)."""
+    def model(x_t, t):
+        eps = eps_model(x_t, t)
+        abar = schedule.alpha_bars[t].to(x_t.dtype).view(-1, 1, 1, 1)
+        x0 = (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+        return x0 if prediction == "x0" else abar.sqrt() * eps - (1 - abar).sqrt() * x0
+
+    return model
+
+
+@pytest.mark.parametrize("prediction", ["x0", "v"])
+@pytest.mark.parametrize("kwargs", SAMPLER_KWARGS + [{"sampler": "ddpm", "variance": "posterior"}], ids=str)
+@pytest.mark.parametrize("clip_denoised", [False, True])
+def test_every_sampler_gives_the_same_samples_from_the_exact_x0_or_v_predictor(prediction, kwargs, clip_denoised):
+    schedule = SCHEDULES["cosine"]
+    eps_model = gaussian_eps_model(schedule)
+    callbacks = {}
+    runs = [
+        sample(model, schedule, (200, 1, 1, 1), steps=20, dtype=torch.float64, clip_denoised=clip_denoised,
+               prediction=name, callback=callbacks.setdefault(name, []).append,
+               generator=torch.Generator().manual_seed(8), **kwargs)
+        for name, model in (("eps", eps_model), (prediction, as_target(eps_model, schedule, prediction)))
+    ]
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(callbacks[prediction][-2]["x0_pred"], callbacks["eps"][-2]["x0_pred"], rtol=1e-7, atol=1e-7)
+    assert abs(runs[0].mean().item() - MU) < 0.15  # and they are samples of the Gaussian
+
+
+def with_variance_values(model, value):
+    """A learned-variance model: ``model``'s prediction, then constant variance values."""
+    return lambda x_t, t: torch.cat([model(x_t, t), torch.full_like(x_t, value)], dim=1)
+
+
+@pytest.mark.parametrize("steps", [1000, 25])
+@pytest.mark.parametrize(("value", "fixed"), [(1.0, "beta"), (-1.0, "posterior")])
+def test_a_learned_variance_at_its_ends_reproduces_the_fixed_variances(steps, value, fixed):
+    # Eq. 15 interpolates between the respaced schedule's log beta (values 1) and log beta-tilde
+    # (values -1), so the two ends are ancestral sampling with those variances, step by step.
+    schedule, model, shape = SCHEDULES["linear"], toy_eps_model(1000), (3, 1, 2, 2)
+    runs = [
+        sample(m, schedule, shape, steps=steps, variance=variance, dtype=torch.float64,
+               generator=torch.Generator().manual_seed(3))
+        for m, variance in ((with_variance_values(model, value), "learned"), (model, fixed))
+    ]
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-12, atol=1e-12)
+    between = sample(with_variance_values(model, 0.0), schedule, shape, steps=steps, variance="learned",
+                     dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    assert (between - runs[1]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("kwargs", SAMPLER_KWARGS[1:], ids=lambda k: k["sampler"])
+def test_ddim_and_dpm_solver_ignore_the_learned_variance(kwargs):
+    schedule, model, shape = SCHEDULES["cosine"], toy_eps_model(1000), (3, 1, 2, 2)
+    runs = [
+        sample(m, schedule, shape, steps=10, generator=torch.Generator().manual_seed(2), **kwargs, **extra)
+        for m, extra in ((with_variance_values(model, 0.7), {"variance": "learned"}), (model, {}))
+    ]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_a_model_with_a_learned_variance_must_be_sampled_with_it():
+    model = with_variance_values(toy_eps_model(20), 0.0)
+    with pytest.raises(ConfigError, match=r"outputs 2 channel\(s\) for 1-channel images; expected 1"):
+        sample(model, linear_schedule(20, 1e-4, 0.02), (2, 1, 2, 2), steps=3)
 
 
 # --- sample_batches -----------------------------------------------------------------------------

@@ -108,6 +108,41 @@ def test_round_trip_x0_to_x_t_to_x0_with_true_noise_is_exact():
 
 
 @pytest.mark.parametrize("make", [linear_schedule, cosine_schedule])
+def test_eps_x0_and_v_round_trips_are_exact(make):
+    # v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho, section 4) from the true x0 and
+    # eps; each prediction read back as eps gives the true noise, at every step.
+    schedule = make()
+    generator = torch.Generator().manual_seed(2)
+    x0 = torch.rand(1000, 1, 2, 2, generator=generator, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+    t = torch.arange(1000)
+    x_t = schedule.q_sample(x0, t, noise)
+    abar = schedule.alpha_bars.view(-1, 1, 1, 1)
+    v = schedule.velocity(x0, t, noise)
+    torch.testing.assert_close(v, abar.sqrt() * noise - (1 - abar).sqrt() * x0, rtol=0, atol=1e-15)
+    for prediction, output in (("eps", noise), ("x0", x0), ("v", v)):
+        torch.testing.assert_close(schedule.predict_eps(prediction, x_t, t, output), noise, rtol=0, atol=1e-12 if prediction == "x0" else 1e-14)
+    assert schedule.predict_eps("eps", x_t, t, noise) is noise  # eps is read as it is
+    # Into x0 and back: the v target through eps to x0 recovers x0.
+    torch.testing.assert_close(schedule.predict_x0_from_eps(x_t, t, schedule.predict_eps_from_v(x_t, t, v)), x0, rtol=0, atol=1e-9)
+    with pytest.raises(ConfigError, match="unknown prediction 'score'; choose one of eps, x0, v"):
+        schedule.predict_eps("score", x_t, t, noise)
+
+
+def test_learned_log_variance_interpolates_between_beta_and_clipped_beta_tilde():
+    schedule = cosine_schedule(20)
+    t = torch.arange(20)
+    ones = torch.ones(20, dtype=torch.float64)
+    assert torch.equal(schedule.learned_log_variance(ones, t), schedule.betas.log())
+    clipped = schedule.posterior_variances.clone()
+    clipped[0] = schedule.posterior_variances[1]  # beta-tilde_1 = 0: improved-diffusion's clip
+    assert torch.equal(schedule.learned_log_variance(-ones, t), clipped.log())
+    middle = schedule.learned_log_variance(0 * ones, t)
+    torch.testing.assert_close(middle.exp(), (schedule.betas * clipped).sqrt(), rtol=1e-12, atol=0)  # w = 1/2: geometric mean
+    assert NoiseSchedule(torch.tensor([0.3])).clipped_log_posterior_variances.item() == pytest.approx(math.log(0.3))
+
+
+@pytest.mark.parametrize("make", [linear_schedule, cosine_schedule])
 def test_posterior_equals_bayes_rule_on_two_gaussians(make):
     # q(x_{t-1} | x_t, x0) ∝ N(x_t; sqrt(alpha_t) x_{t-1}, beta_t) N(x_{t-1}; sqrt(abar_{t-1}) x0, 1 - abar_{t-1}):
     # precision and mean by completing the square, independent of eqs. 6-7.

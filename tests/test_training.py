@@ -1,14 +1,21 @@
-"""Training (Algorithm 1): learning, exact resume, refusals, numerical failures."""
+"""Training (Algorithm 1): learning, exact resume, refusals, numerical failures; warm-up, flips, the
+other objectives, and runs from before they existed."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from conftest import tiny_config
-from ddpmkit import CheckpointError, ConfigError, TrainingError
-from ddpmkit.config import config_from_dict
-from ddpmkit.checkpoint import latest_checkpoint, load_checkpoint, load_trained_model
+from ddpmkit import CheckpointError, ConfigError, TrainingError, ddpm_loss, linear_schedule
+from ddpmkit.config import config_from_dict, model_output_options
+from ddpmkit.checkpoint import latest_checkpoint, load_checkpoint, load_trained_model, save_checkpoint
+from ddpmkit.data import dataset_info, load_dataset
+from ddpmkit.images import to_model_range
+from ddpmkit.objectives import draw_timesteps_and_noise
+from ddpmkit.rng import TrainingStream, seeded_generator
+from ddpmkit.samplers import sample
 from ddpmkit.training import train
 
 
@@ -46,12 +53,12 @@ def test_run_directory_contents(folder_dataset, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(trained.model.state_dict().values(), raw.model.state_dict().values()))
 
 
-def test_resume_gives_the_same_weights_as_one_uninterrupted_run(folder_dataset, tmp_path, device):
-    # On CUDA too (conftest's deterministic algorithms): dropout draws from the CUDA generator,
-    # whose state the checkpoint carries.
-    config = tiny_config(folder_dataset, dropout=0.1, epochs=3, device=device.type)
+def _train_whole_and_split(config, tmp_path):
+    """Train config in one go into tmp_path/whole, and stopped at step 7 (mid-epoch 1), then
+    resumed, into tmp_path/split; check both end with the same weights; return the last
+    checkpoint of the whole run."""
     train(config, tmp_path / "whole", progress=False)
-    train(config.replace(max_steps=7), tmp_path / "split", progress=False)  # stops mid-epoch 1
+    train(config.replace(max_steps=7), tmp_path / "split", progress=False)
     assert load_checkpoint(latest_checkpoint(tmp_path / "split")).state["step"] == 7
     train(config, tmp_path / "split", resume=True, progress=False)
     whole = load_checkpoint(latest_checkpoint(tmp_path / "whole"))
@@ -60,6 +67,13 @@ def test_resume_gives_the_same_weights_as_one_uninterrupted_run(folder_dataset, 
     for part in ("model", "ema"):
         for key, value in getattr(whole, part).items():
             assert torch.equal(value, getattr(split, part)[key]), f"{part}.{key} differs"
+    return whole
+
+
+def test_resume_gives_the_same_weights_as_one_uninterrupted_run(folder_dataset, tmp_path, device):
+    # On CUDA too (conftest's deterministic algorithms): dropout draws from the CUDA generator,
+    # whose state the checkpoint carries.
+    _train_whole_and_split(tiny_config(folder_dataset, dropout=0.1, epochs=3, device=device.type), tmp_path)
     # metrics of the resumed run continue the first part's without repeating steps
     steps = [r["step"] for r in _metrics(tmp_path / "split") if "train_loss" in r]
     assert steps == list(range(1, 16))
@@ -262,3 +276,89 @@ def test_a_checkpoint_records_its_schedule_and_one_from_before_loads_unscaled(fo
     rewrite({**checkpoint.state, "schedule": {**checkpoint.state["schedule"], "betas_sha256": "0" * 64}})
     with pytest.raises(CheckpointError, match="whose betas .* this ddpmkit does not build"):
         load_trained_model(path)
+
+
+# --- the objective and recipe keys: warm-up, flips, targets, learned variance -------------------
+
+NEW_KEYS = ("prediction", "learn_variance", "loss_weighting", "min_snr_gamma", "warmup_steps", "random_flip")
+
+
+def test_resume_is_exact_with_warmup_flips_and_the_hybrid_loss(folder_dataset, tmp_path):
+    config = tiny_config(folder_dataset, epochs=3, warmup_steps=12, random_flip=True, learn_variance=True,
+                         prediction="v", loss_weighting="min-snr", min_snr_gamma=1.0, preview_images=0)
+    whole = _train_whole_and_split(config, tmp_path)  # resumed at step 7, in the middle of the warm-up
+    # The learning rate rises linearly to lr over the 12 warm-up steps, in the resumed part too.
+    lrs = [r["lr"] for r in _metrics(tmp_path / "split") if "train_loss" in r]
+    assert lrs == pytest.approx([config.lr * min(1.0, step / 12) for step in range(1, 16)], rel=1e-12)
+    assert whole.model["output.2.weight"].shape[0] == 2  # 1 channel of v, 1 of variance values
+
+
+def test_flips_are_drawn_from_their_own_stream_and_leave_runs_without_them_unchanged(folder_dataset, tmp_path, monkeypatch):
+    # The images the first step's loss sees, rebuilt from the seeded streams: flips from
+    # TrainingStream.FLIP flip that step's images; without flips the step sees (and draws)
+    # what it always did, and the loss of its draws is test_objectives' pinned first loss.
+    config = tiny_config(folder_dataset, max_steps=1, preview_images=0, cpu_workers=1)
+    train_set = load_dataset(config.dataset, "train", image_size=8, channels=1, seed=config.seed)
+    order = torch.randperm(len(train_set), generator=seeded_generator(config.seed, TrainingStream.EPOCH_ORDER, 0))
+    x0 = to_model_range(train_set.images[order[: config.batch_size]])
+    flip = torch.rand(config.batch_size, generator=seeded_generator(config.seed, TrainingStream.FLIP, 1)) < 0.5
+    assert 0 < int(flip.sum()) < config.batch_size
+    schedule = linear_schedule(config.num_steps)
+    t, noise = draw_timesteps_and_noise(schedule, tuple(x0.shape), seeded_generator(config.seed, TrainingStream.STEP, 1))
+    seen = []
+
+    def spy(model, schedule, x0, t, noise, *args, **kwargs):
+        seen.append((x0, t, noise))
+        return ddpm_loss(model, schedule, x0, t, noise, *args, **kwargs)
+
+    monkeypatch.setattr("ddpmkit.training.ddpm_loss", spy)
+    for flips, expected in ((False, x0), (True, torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0))):
+        seen.clear()
+        train(config.replace(random_flip=flips), tmp_path / f"flips-{flips}", progress=False)
+        images, drawn_t, drawn_noise = seen[0]  # the first step's loss (validation comes after)
+        assert torch.equal(images, expected) and torch.equal(drawn_t, t) and torch.equal(drawn_noise, noise)
+    assert not torch.equal(x0.flip(-1), x0)
+
+
+def test_flips_on_digits_are_trained_with_a_warning(folder_dataset, tmp_path, monkeypatch, capsys):
+    def as_digits(*args, **kwargs):
+        return dataclasses.replace(dataset_info(*args, **kwargs), flip_invariant=False)
+
+    monkeypatch.setattr("ddpmkit.training.dataset_info", as_digits)
+    train(tiny_config(folder_dataset, random_flip=True, max_steps=1, preview_images=0), tmp_path / "run", progress=False)
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert "random_flip on" in line and "flipped" in line
+    train(tiny_config(folder_dataset, max_steps=1, preview_images=0), tmp_path / "plain", progress=False)
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_a_run_written_before_the_objective_keys_loads_samples_and_resumes(folder_dataset, tmp_path):
+    run = tmp_path / "run"
+    config = tiny_config(folder_dataset, epochs=2, preview_images=0)
+    train(config.replace(max_steps=3), run, progress=False)
+    # Rewrite the run as one from before the keys existed: config.json and the checkpoint's config.
+    path = latest_checkpoint(run)
+    old = load_checkpoint(path)
+    old_config = {key: value for key, value in old.config.items() if key not in NEW_KEYS}
+    save_checkpoint(path, model=old.model, ema=old.ema, optimizer=old.optimizer, rng_states=old.rng_states,
+                    config=old_config, state=old.state)
+    (run / "config.json").write_text(json.dumps(old_config))
+    trained = load_trained_model(run)
+    assert (trained.config.prediction, trained.config.learn_variance, trained.config.warmup_steps) == ("eps", False, 0)
+    assert trained.model.config.out_channels is None
+    images = sample(trained.model, trained.schedule, (2, *trained.image_shape), steps=3, **model_output_options(trained.config))
+    assert images.shape == (2, 1, 8, 8)
+    summary = train(config, run, resume=True, progress=False)  # the defaults are the stored run's settings
+    assert summary.step == 10
+
+
+def test_a_learned_variance_run_rebuilds_its_two_part_output_and_samples_with_it(folder_dataset, tmp_path, capsys):
+    from ddpmkit.cli import main
+
+    run = tmp_path / "run"
+    train(tiny_config(folder_dataset, learn_variance=True, max_steps=2), run, progress=False)  # previews sample it too
+    trained = load_trained_model(run)
+    assert trained.model.config.out_channels == 2 and trained.config.learn_variance
+    assert main(["sample", str(run), "--num", "2", "--steps", "3", "--out", str(tmp_path / "s.png")]) == 0
+    assert main(["sample", str(run), "--num", "2", "--steps", "3", "--variance", "beta", "--out", str(tmp_path / "b.png")]) == 2
+    assert "learns its variance" in capsys.readouterr().err

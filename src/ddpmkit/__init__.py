@@ -33,6 +33,7 @@ _EXPORTS = {
     "frechet_distance": "metrics",
     "export_diffusers": "interop",
     "import_diffusers": "interop",
+    "nll": "likelihood",
     "precision_recall": "metrics",
     "ddpm_loss": "objectives",
     "sample": "samplers",

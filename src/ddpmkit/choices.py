@@ -3,7 +3,9 @@
 One torch-free module, so that the config and the command line's parser (``ddpm --help``)
 know every choice without importing torch. Each choice is documented where it is used:
 
-* ``ScheduleName``: the beta schedules (schedules.py);
+* ``ScheduleName``: the beta schedules (schedules.py); ``PredictionName``: what the network
+  predicts (eps, x0 or v; schedules.py converts between them);
+* ``LossWeighting``: the weighting of the training loss over t (objectives.py);
 * ``SamplerName``, ``VarianceName``, ``SpacingName``: samplers.py;
 * ``GuidanceForm``: the two forms of classifier guidance (guidance.py);
 * ``FeatureKind``: the FID feature networks (fid.py); ``SweepKind``: guidance sweeps (sweeps.py);
@@ -20,7 +22,9 @@ from typing import Literal, get_args
 
 ScheduleName = Literal["linear", "cosine"]
 SamplerName = Literal["ddpm", "ddim", "dpm-solver++", "dpm-solver++-sde"]
-VarianceName = Literal["beta", "posterior"]
+VarianceName = Literal["beta", "posterior", "learned"]
+PredictionName = Literal["eps", "x0", "v"]
+LossWeighting = Literal["none", "min-snr"]
 SpacingName = Literal["uniform", "quadratic", "trailing"]
 GuidanceForm = Literal["guided-diffusion", "poster"]
 FeatureKind = Literal["classifier", "inception"]
@@ -34,6 +38,8 @@ ClassifierRole = Literal["features", "guide", "noisy"]
 SCHEDULE_NAMES: tuple[str, ...] = get_args(ScheduleName)
 SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)
 VARIANCE_NAMES: tuple[str, ...] = get_args(VarianceName)
+PREDICTION_NAMES: tuple[str, ...] = get_args(PredictionName)
+LOSS_WEIGHTINGS: tuple[str, ...] = get_args(LossWeighting)
 SPACING_NAMES: tuple[str, ...] = get_args(SpacingName)
 GUIDANCE_FORMS: tuple[str, ...] = get_args(GuidanceForm)
 FEATURE_KINDS: tuple[str, ...] = get_args(FeatureKind)

@@ -52,6 +52,12 @@ _HELP = {
     "compile": "torch.compile the model (Accelerate's inductor backend): opt-in, compiling first takes minutes",
     "cpu_workers": _CPU_WORKERS_HELP,
     "preview_images": "images in the grid sampled after each epoch (RUN/samples/epoch-NNN.png; 0: none)",
+    "prediction": "what the network predicts: eps (Ho et al.), x0, or v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho)",
+    "learn_variance": "also output the reverse variance (Improved DDPM eq. 15), trained by the hybrid loss L_simple + 0.001 L_vlb",
+    "loss_weighting": "none, or min-snr: weight each t by min(SNR, gamma) in x0 units (Hang et al. 2023)",
+    "min_snr_gamma": "gamma of --loss-weighting min-snr",
+    "warmup_steps": "linear learning-rate warm-up over this many steps (Ho et al.'s CIFAR-10: 5000; 0: off)",
+    "random_flip": "flip training images horizontally with p = 1/2 (Ho et al.'s CIFAR-10; not for digits)",
 }
 
 
@@ -276,8 +282,9 @@ def _add_sampler_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", default="ddpm", choices=SAMPLER_NAMES, help="default ddpm (ancestral, Algorithm 2)")
     parser.add_argument("--steps", type=int, default=None, help="model evaluations (default: all num_steps)")
     parser.add_argument("--eta", type=float, default=0.0, help="--sampler ddim only: its noise scale in [0, 1] (default 0: deterministic)")
-    parser.add_argument("--variance", default="beta", choices=VARIANCE_NAMES,
-                        help="--sampler ddpm only: sigma_t^2, beta (default) or posterior (beta-tilde)")
+    parser.add_argument("--variance", default=None, choices=VARIANCE_NAMES,
+                        help="--sampler ddpm only: sigma_t^2, beta or posterior (beta-tilde), or learned for a model trained "
+                             "with --learn-variance (default: learned for such a model, else beta)")
     parser.add_argument("--spacing", default=DEFAULT_SPACING, choices=SPACING_NAMES,
                         help=f"which steps fewer steps visit (default {DEFAULT_SPACING})")
     parser.add_argument("--no-clip", dest="clip_denoised", action="store_false", help="do not clip predicted x0 to [-1, 1]")
@@ -292,12 +299,12 @@ def sampler_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--eta must be in [0, 1], got {args.eta}")
     if args.eta and args.sampler != "ddim":
         raise ConfigError(f"--eta is the noise of --sampler ddim; --sampler {args.sampler} has none to set")
-    if args.variance != "beta" and args.sampler != "ddpm":
+    if args.variance is not None and args.sampler != "ddpm":
         raise ConfigError(f"--variance is the noise of --sampler ddpm (ancestral); --sampler {args.sampler} does not use it")
     kwargs = dict(sampler=args.sampler, steps=args.steps, spacing=args.spacing, clip_denoised=args.clip_denoised)
     if args.sampler == "ddim":
         kwargs["eta"] = args.eta
-    if args.sampler == "ddpm":
+    if args.variance is not None:
         kwargs["variance"] = args.variance
     return kwargs
 
@@ -320,6 +327,15 @@ def _describe_sampling(trained: Any, kwargs: dict[str, Any], device: str) -> str
             f"{kwargs['sampler']} sampler, {steps} steps, on {device}")
 
 
+def _trained_sampler_kwargs(args: argparse.Namespace, trained: Any) -> dict[str, Any]:
+    """sampler_kwargs with how the trained model's output is read: its prediction target, and
+    --variance (default: the model's own)."""
+    from .config import model_output_options
+
+    kwargs = sampler_kwargs(args)
+    return {**kwargs, **model_output_options(trained.config, kwargs.pop("variance", None))}
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -334,9 +350,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out must name a .png file, got {args.out}")
     arrays = args.out.with_suffix(".npz")
     check_writable([args.out, arrays])
-    kwargs = sampler_kwargs(args)
     device = resolve_device(args.device)
     trained = _loaded(args, device)
+    kwargs = _trained_sampler_kwargs(args, trained)
     guidance, guidance_record, described = _guidance_options(args, trained, device)
     labels = guidance.get("labels")
     num = args.num if labels is None else len(labels)
@@ -542,7 +558,7 @@ def _cmd_guidance_sweep(args: argparse.Namespace) -> int:
 # --- evaluation -------------------------------------------------------------------------
 
 def _add_evaluation_commands(commands: Any) -> None:
-    from .choices import DEFAULT_CLASSIFIER_EPOCHS, FEATURE_KINDS, INCEPTION_WEIGHTS_FILE, SCHEDULE_NAMES
+    from .choices import DEFAULT_CLASSIFIER_EPOCHS, FEATURE_KINDS, INCEPTION_WEIGHTS_FILE, SCHEDULE_NAMES, SPLITS, VARIANCE_NAMES
 
     classifier = commands.add_parser(
         "train-classifier", help="train the classifier whose features FID uses (--noisy: the one that guides)",
@@ -590,6 +606,23 @@ def _add_evaluation_commands(commands: Any) -> None:
     _add_model_run_flags(fid)
     _add_sampler_flags(fid)
     fid.set_defaults(handler=_cmd_fid, resume_with=_same_command)
+
+    nll = commands.add_parser(
+        "nll", help="negative log-likelihood bound in bits/dim (Ho et al. eq. 5, every one of the T terms)",
+        description="The variational bound L_T + sum_t L_{t-1} + L_0 of a split's images in bits per dimension, with the "
+                    "prior, the decoder and the per-step terms; writes them as JSON and the per-step curve as a PNG beside "
+                    "it. Finished batches are kept in OUT-STEM-work/: rerun with the same arguments to resume.",
+    )
+    nll.add_argument("run", type=Path, help="run directory (latest checkpoint) or a checkpoint file")
+    nll.add_argument("--split", default="test", choices=SPLITS, help="default test")
+    nll.add_argument("--num", type=int, default=None, help="images of the split (default all; fewer: a fixed seeded subset)")
+    nll.add_argument("--variance", default=None, choices=VARIANCE_NAMES,
+                     help="reverse variance: beta or posterior for fixed-variance models (default beta), learned (the default "
+                          "and only choice for a model trained with --learn-variance)")
+    nll.add_argument("--out", type=Path, default=Path("nll.json"), help="JSON result (default nll.json); the plot goes beside it")
+    nll.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_model_run_flags(nll)
+    nll.set_defaults(handler=_cmd_nll)
 
 
 def _split_list(text: str) -> tuple[str, ...]:
@@ -683,9 +716,9 @@ def _cmd_fid(args: argparse.Namespace) -> int:
         raise ConfigError(f"--num must be >= 2 and --batch-size >= 1, got {args.num} and {args.batch_size}")
     work_dir = args.out.with_name(args.out.stem + "-work")
     check_writable([args.out, work_dir / "generated-features" / "settings.json"])
-    kwargs = sampler_kwargs(args)
     device = resolve_device(args.device)
     trained = _loaded(args, device)
+    kwargs = _trained_sampler_kwargs(args, trained)
     extractor = load_extractor(args.features, trained.config.dataset, path=args.classifier or args.inception_weights, device=device)
     say(f"FID of {args.num} samples of {_describe_sampling(trained, kwargs, device)}, against the "
         f"{', '.join(args.against)} split(s) of {trained.config.dataset} on {extractor.name} features; "
@@ -707,6 +740,33 @@ def _cmd_fid(args: argparse.Namespace) -> int:
         say(f"warning: {warning}")
     say(f"{result['extractor']} features (SHA-256 {result['extractor_sha256'][:12]}...); {result['wall_seconds']:.0f} s; "
         f"wrote {args.out} (with every setting)")
+    return 0
+
+
+def _cmd_nll(args: argparse.Namespace) -> int:
+    from .checkpoint import load_trained_model
+    from .figures import plot_bound_terms
+    from .io import write_json
+    from .likelihood import model_nll
+
+    if args.out.suffix.lower() != ".json":
+        raise ConfigError(f"--out must name a .json file, got {args.out}")
+    device = resolve_device(args.device)
+    trained = load_trained_model(args.run, ema=args.ema, device=device, compile=args.compile, cpu_workers=args.cpu_workers)
+    result = model_nll(
+        trained, split=args.split, num=args.num, batch_size=args.batch_size, seed=args.seed, variance=args.variance,
+        device=device, work_dir=args.out.with_name(args.out.stem + "-work"), progress=not args.no_progress,
+    )
+    write_json(args.out, result, what="NLL result")
+    plot = plot_bound_terms(result, args.out.with_suffix(".png"))
+    settings = result["settings"]
+    print(f"ddpm: {settings['dataset']} {settings['split']}, {result['num_images']} of {settings['split_images']} images: "
+          f"NLL <= {result['bits_per_dim']:.4f} +- {result['standard_error']:.4f} bits/dim (standard error over images)")
+    print(f"ddpm: prior {result['prior']:.3g}, decoder {result['decoder']:.4f}, steps 2..{settings['num_steps']} "
+          f"{sum(result['terms']):.4f} bits/dim; variance {settings['variance']}, prediction {settings['prediction']}, "
+          f"{settings['weights']} weights of {settings['checkpoint']} (step {settings['step']}), seed {settings['seed']}; "
+          f"{result['wall_seconds']:.0f} s")
+    print(f"ddpm: wrote {args.out} and {plot}")
     return 0
 
 
@@ -739,16 +799,26 @@ def _add_experiment_commands(commands: Any) -> None:
     reverse.set_defaults(handler=_cmd_figures_reverse)
 
     ablation = commands.add_parser(
-        "ablation", help="train and evaluate schedule x attention combinations (the poster's ablation)",
-        description="Train each combination into OUT/<schedule>-<attn|noattn> (a finished run is skipped, an "
-        "unfinished one resumed), then FID, precision and recall against train and test on the features of the "
-        "dataset's classifier (ddpm train-classifier). Writes OUT/ablation.json.",
+        "ablation", help="train and evaluate a grid of settings (default: the poster's schedule x attention)",
+        description="Train each cell of the grid into OUT/<cell> (OUT/<schedule>-<attn|noattn> for the poster's; a "
+        "finished run is skipped, an unfinished one resumed), then FID, precision and recall against train and test on "
+        "the features of the dataset's classifier (ddpm train-classifier), and with --nll-images the NLL bound. "
+        "Writes OUT/ablation.json.",
     )
     ablation.add_argument("--config", type=Path, help="TOML file of TrainConfig keys shared by every run (e.g. a smaller model)")
     ablation.add_argument("--dataset", default=None, help=_HELP["dataset"])
     ablation.add_argument("--epochs", type=int, default=None, help="training epochs of every run")
-    ablation.add_argument("--schedules", type=_name_list, default=("linear", "cosine"), help="default linear,cosine")
-    ablation.add_argument("--attention", type=_name_list, default=("on", "off"), help="on, off, or both as on,off (default on,off)")
+    ablation.add_argument("--schedules", type=_name_list, default=None, help="default linear,cosine")
+    ablation.add_argument("--attention", type=_name_list, default=None, help="on, off, or both as on,off (default on,off)")
+    ablation.add_argument("--grid", type=_grid_axis, nargs="+", default=None, metavar="KEY=V1,V2",
+                          help="the grid instead of --schedules x --attention: TrainConfig keys (or attention=on,off) and "
+                               "their values, e.g. prediction=eps,v learn_variance=false,true (tuples as 1/2/2); "
+                               "every combination is one run")
+    ablation.add_argument("--fid-seeds", type=_int_list, default=None,
+                          help="sampling seeds, --num-fid samples each; the table gives mean +- sd (default: the config's seed)")
+    ablation.add_argument("--nll-images", type=int, default=0,
+                          help="images of each --nll-splits split for the NLL bound, all T steps (0, the default: no NLL)")
+    ablation.add_argument("--nll-splits", type=_split_list, default=("test",), help="default test")
     ablation.add_argument("--num-fid", type=int, default=8192, help="generated images per FID (default 8192, the poster's)")
     ablation.add_argument("--fid-batch-size", type=int, default=256, help="images per sampling batch")
     ablation.add_argument("--out", type=Path, required=True, help="folder of the runs and ablation.json")
@@ -794,9 +864,9 @@ def _cmd_figures_reverse(args: argparse.Namespace) -> int:
 
     if args.num_images < 1 or args.frames < 1:
         raise ConfigError("--num-images and --frames must be >= 1")
-    kwargs = sampler_kwargs(args)
     device = resolve_device(args.device)
     trained = load_trained_model(args.run, ema=True, device=device)
+    kwargs = _trained_sampler_kwargs(args, trained)
     run_dir = args.run if args.run.is_dir() else trained.path.parent.parent
     out = args.out or run_dir / f"reverse-{args.sampler}-{args.steps or trained.schedule.num_steps}.png"
     check_writable([out])
@@ -815,22 +885,56 @@ def _cmd_figures_reverse(args: argparse.Namespace) -> int:
     return 0
 
 
+def _grid_axis(text: str) -> tuple[str, tuple[Any, ...]]:
+    """KEY=V1,V2,... of --grid: a TrainConfig key (or attention) and its values, parsed by the key's type."""
+    key, equals, values = text.partition("=")
+    key = key.strip().replace("-", "_")
+    if not equals or not values.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE1,VALUE2,..., got {text!r}")
+    if key == "attention":
+        return key, _name_list(values)
+    annotation = typing.get_type_hints(TrainConfig).get(key)
+    if annotation is None:
+        raise argparse.ArgumentTypeError(f"unknown grid key {key!r}; TrainConfig keys ({', '.join(field_names())}) or attention")
+    if annotation is bool:
+        parse: Callable[[str], Any] = _true_or_false
+    elif _parser_for(annotation) is _int_list:
+        parse = lambda value: _int_list(value.replace("/", ","))  # noqa: E731 (a tuple's items are /-separated)
+    else:
+        parse = _parser_for(annotation)
+    try:
+        return key, tuple(parse(value.strip()) for value in values.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{key}: cannot read {values!r} as values of that key") from None
+
+
+def _true_or_false(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() == "true"
+
+
 def _cmd_ablation(args: argparse.Namespace) -> int:
-    from .ablation import ABLATION_FILE, read_ablation, run_ablation
+    from .ablation import ABLATION_FILE, POSTER_GRID, read_ablation, run_ablation
     from .choices import ATTENTION_SWITCHES
     from .report import details_table, text_table
 
-    if args.num_fid < 2 or args.fid_batch_size < 1:
-        raise ConfigError("--num-fid must be >= 2 and --fid-batch-size >= 1")
-    if not set(args.attention) <= set(ATTENTION_SWITCHES):
-        raise ConfigError(f"--attention takes on, off or on,off, got {','.join(args.attention)}")
-    kwargs = sampler_kwargs(args)
+    if args.num_fid < 2 or args.fid_batch_size < 1 or args.nll_images < 0:
+        raise ConfigError("--num-fid must be >= 2, --fid-batch-size >= 1 and --nll-images >= 0")
+    if args.grid is not None and (args.schedules or args.attention):
+        raise ConfigError("--grid replaces --schedules and --attention; give them as grid keys: schedule=linear,cosine attention=on,off")
+    grid = dict(args.grid or ())
+    if args.grid is not None and len(grid) < len(args.grid):
+        raise ConfigError("--grid names a key twice")
+    grid = grid or {"schedule": args.schedules or POSTER_GRID["schedule"], "attention": args.attention or POSTER_GRID["attention"]}
+    if "attention" in grid and not set(grid["attention"]) <= set(ATTENTION_SWITCHES):
+        raise ConfigError(f"--attention takes on, off or on,off, got {','.join(grid['attention'])}")
     base = resolve_config(args.config, {"dataset": args.dataset, "epochs": args.epochs})
     check_writable([args.out / ABLATION_FILE])
     started = time.perf_counter()
     rows = run_ablation(
-        base, args.out, schedules=args.schedules, attentions=args.attention, num_fid=args.num_fid,
-        sampling=kwargs, seed=base.seed, batch_size=args.fid_batch_size,
+        base, args.out, grid=grid, num_fid=args.num_fid, sampling=sampler_kwargs(args), seeds=args.fid_seeds or (base.seed,),
+        batch_size=args.fid_batch_size, nll_images=args.nll_images, nll_splits=args.nll_splits,
         device=resolve_device(base.device), progress=not args.no_progress,
     )
     print(text_table(details_table(read_ablation(args.out / ABLATION_FILE))))

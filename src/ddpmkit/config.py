@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .choices import Device, Precision, SamplerName, ScheduleName
+from .choices import Device, LossWeighting, Precision, PredictionName, SamplerName, ScheduleName, VarianceName
 from .errors import ConfigError
 from .validation import check_dataclass_fields, require
 
@@ -53,12 +53,19 @@ class TrainConfig:
     dropout: float = 0.0
     conditional: bool = False  # label embedding, for classifier-free guidance
     label_dropout: float = 0.1  # p of replacing the label by "no label" (Ho & Salimans)
+    # objective (Algorithm 1: the MSE on the noise, fixed variances; objectives.py)
+    prediction: PredictionName = "eps"  # the network's target: eps, x0 or v (Salimans & Ho 2022)
+    learn_variance: bool = False  # output the variance too, trained by the hybrid loss (Improved DDPM)
+    loss_weighting: LossWeighting = "none"  # "min-snr": Hang et al. 2023's min(SNR, gamma) weighting
+    min_snr_gamma: float = 5.0  # gamma of min-snr
     # optimisation (Algorithm 1: Adam, lr 1e-4, MSE on the noise)
     epochs: int = 30
     max_steps: int | None = None  # stop early after this many optimizer steps
     batch_size: int = 128  # global batch: per process x processes x grad_accum
     grad_accum: int = 1
     lr: float = 1e-4
+    warmup_steps: int = 0  # linear learning-rate warm-up over this many steps (Ho et al.'s CIFAR-10: 5000); 0 = off
+    random_flip: bool = False  # flip training images horizontally with p = 1/2 (Ho et al.'s CIFAR-10; not for digits)
     grad_clip: float = 1.0  # gradient-norm clip, 0 = off; Ho et al.'s released code uses 1
     ema_decay: float = 0.9999
     precision: Precision = "fp32"
@@ -99,6 +106,8 @@ class TrainConfig:
         require(self.grad_accum >= 1, "grad_accum must be >= 1")
         require(self.cpu_workers >= 0, "cpu_workers must be >= 0 (0: one per core, 1: off)")
         require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        require(self.min_snr_gamma > 0, f"min_snr_gamma must be > 0, got {self.min_snr_gamma}")
+        require(self.warmup_steps >= 0, f"warmup_steps must be >= 0 (0 turns the warm-up off), got {self.warmup_steps}")
         require(self.grad_clip >= 0, "grad_clip must be >= 0 (0 turns clipping off)")
         require(0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)")
         require(self.log_every >= 1 and self.checkpoint_every >= 1, "log_every and checkpoint_every must be >= 1")
@@ -135,6 +144,20 @@ def differences_from_defaults(config: TrainConfig) -> dict[str, Any]:
 
 # Old key -> its new name: configs, runs and checkpoints written before a rename still load.
 RENAMED_KEYS = {"sample_every_epoch": "preview_images"}
+
+
+def model_output_options(config: TrainConfig, variance: VarianceName | None = None) -> dict[str, str]:
+    """How samplers.sample and likelihood.nll read the output of a model trained with ``config``:
+    {"prediction": its target, "variance": ``variance``}. ``variance`` None is the model's own
+    default: "learned" for a model that learns it, else "beta". A model's output either holds
+    a variance or not, so "learned" is refused for the one kind and beta / posterior for the other."""
+    if variance is None:
+        variance = "learned" if config.learn_variance else "beta"
+    if config.learn_variance and variance != "learned":
+        raise ConfigError(f"this model learns its variance (learn_variance); sample it with variance 'learned', not {variance!r}")
+    if not config.learn_variance and variance == "learned":
+        raise ConfigError("variance 'learned' needs a model trained with learn_variance; this one has fixed variances (beta, posterior)")
+    return {"prediction": config.prediction, "variance": variance}
 
 
 def field_names() -> tuple[str, ...]:

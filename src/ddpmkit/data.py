@@ -114,6 +114,9 @@ class DatasetInfo:
     image_size: int
     num_classes: int
     class_names: tuple[str, ...]
+    # Whether a horizontally flipped image is still an image of the dataset (random_flip):
+    # a flipped shoe or car is; a flipped digit is another image.
+    flip_invariant: bool = True
 
 
 @dataclass(frozen=True, eq=False)
@@ -140,7 +143,7 @@ def default_data_dir() -> Path:
 _DIGITS = tuple(str(digit) for digit in range(10))
 _FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 _CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-_MNIST_5K_INFO = DatasetInfo("mnist-5k", 1, 28, 10, _DIGITS)
+_MNIST_5K_INFO = DatasetInfo("mnist-5k", 1, 28, 10, _DIGITS, flip_invariant=False)
 _PILLOW_MODES = {1: "L", 3: "RGB"}
 
 
@@ -466,7 +469,7 @@ def _read_cifar10(directory: Path, part: Part) -> tuple[np.ndarray, np.ndarray]:
 
 
 _STANDARD: dict[str, _Standard] = {
-    "mnist": _Standard(DatasetInfo("mnist", 1, 28, 10, _DIGITS), _IDX_FILES, _read_idx),
+    "mnist": _Standard(DatasetInfo("mnist", 1, 28, 10, _DIGITS, flip_invariant=False), _IDX_FILES, _read_idx),
     "fashion-mnist": _Standard(DatasetInfo("fashion-mnist", 1, 28, 10, _FASHION_CLASSES), _IDX_FILES, _read_idx),
     "cifar10": _Standard(
         DatasetInfo("cifar10", 3, 32, 10, _CIFAR10_CLASSES), {"train": (_CIFAR_ARCHIVE,), "test": (_CIFAR_ARCHIVE,)}, _read_cifar10

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from .checkpoint import latest_checkpoint, load_trained_model
-from .config import TrainConfig
+from .config import TrainConfig, model_output_options
 from .errors import Interrupted
 from .fid import fid_settings
 from .images import save_image_grid
@@ -61,7 +61,7 @@ def run_demo(run_dir: str | Path, *, max_steps: int | None = None) -> Path:
     # seeded_generator(seed, 0) is what sample_batches draws batch 0 with: fid_settings describes the grid exactly.
     with step_progress(1, DEMO_SAMPLER["steps"]) as advance:
         images = sample(trained.model, trained.schedule, (64, *trained.image_shape), generator=seeded_generator(config.seed, 0),
-                        callback=advance, **DEMO_SAMPLER)
+                        callback=advance, **DEMO_SAMPLER, **model_output_options(trained.config))
     settings = fid_settings(trained, seed=config.seed, batch_size=64, **DEMO_SAMPLER)
     grid = save_image_grid(images, run_dir / "samples.png", nrow=8, settings=settings)
     minutes = (time.perf_counter() - started) / 60

@@ -35,6 +35,7 @@ from . import __version__
 from .checkpoint import TrainedModel
 from .choices import FEATURE_KINDS, FeatureKind, Split
 from .classifier import find_classifier, load_classifier
+from .config import model_output_options
 from .data import ImageDataset, load_dataset
 from .errors import ConfigError, DdpmError
 from .images import to_model_range, to_uint8
@@ -49,7 +50,7 @@ from .validation import check_choice
 # grows, so unequal sizes would bias the two numbers); the cut is a fixed random subset.
 _SUBSET_SEED = 0
 # The options of samplers.sample that decide the samples besides the model, seed and labels.
-_SAMPLER_OPTIONS = ("sampler", "steps", "eta", "variance", "spacing", "clip_denoised")
+_SAMPLER_OPTIONS = ("sampler", "steps", "eta", "variance", "prediction", "spacing", "clip_denoised")
 
 
 # --- feature extractors ----------------------------------------------------------------------
@@ -246,13 +247,13 @@ def _generated_features(
     fingerprint: dict[str, Any],
 ) -> np.ndarray:
     """Features of the generated images; with a store folder, one file per finished batch."""
-    finished = _open_store(store, fingerprint) if store else []
+    finished = open_batch_store(store, fingerprint, what="generated features") if store else []
     count = sum(len(batch) for batch in finished)
     if count < num:
         for samples in generate(len(finished)):
             batch = generated_features(extractor, samples)[: num - count]
             if store:
-                _write_file(store / f"batch-{len(finished):06d}.npy", lambda handle: np.save(handle, batch))
+                write_batch(store, len(finished), batch)
             finished.append(batch)
             count += len(batch)
             if count >= num:
@@ -262,9 +263,15 @@ def _generated_features(
     return np.concatenate(finished)[:num]
 
 
-def _open_store(store: Path, fingerprint: dict[str, Any]) -> list[np.ndarray]:
-    """The batches an earlier run with the same settings finished, in order; a new store
-    gets the settings written first."""
+def write_batch(store: Path, index: int, batch: np.ndarray) -> None:
+    """Keep finished batch number ``index`` in ``store`` (atomically), for open_batch_store."""
+    _write_file(store / f"batch-{index:06d}.npy", lambda handle: np.save(handle, batch))
+
+
+def open_batch_store(store: Path, fingerprint: dict[str, Any], *, what: str) -> list[np.ndarray]:
+    """The batches (``batch-NNNNNN.npy``) an earlier run with the same settings finished, in
+    order; a new store gets the settings written first. ``what`` names the batches' contents
+    in the refusal of a store of other settings."""
     settings_file = store / "settings.json"
     if not settings_file.is_file():
         _write_file(settings_file, lambda handle: handle.write(json.dumps(fingerprint, indent=2).encode()))
@@ -275,7 +282,7 @@ def _open_store(store: Path, fingerprint: dict[str, Any]) -> list[np.ndarray]:
         stored = None
     if stored != fingerprint:  # a damaged settings.json, or a folder copied here by hand
         raise ConfigError(
-            f"{store} holds generated features of other settings (see {settings_file.name}); "
+            f"{store} holds {what} of other settings (see {settings_file.name}); "
             "delete that folder"
         )
     finished = []
@@ -289,14 +296,17 @@ def _open_store(store: Path, fingerprint: dict[str, Any]) -> list[np.ndarray]:
 
 def sampler_settings(trained: TrainedModel, **sample_kwargs: Any) -> dict[str, Any]:
     """The sampler options that decide the samples, typed, with sample's defaults filled in
-    (steps: all num_steps), and only those the sampler uses: eta for ddim, variance for ddpm."""
+    (steps: all num_steps), how the model's output is read (config.model_output_options: its
+    prediction target, and variance None = the model's own), and only the options the sampler
+    uses: eta for ddim, the variance for ddpm (or a learned one, which every sampler reads)."""
     defaults = {name: parameter.default for name, parameter in inspect.signature(sample).parameters.items() if name in _SAMPLER_OPTIONS}
-    settings = {**defaults, **sample_kwargs}
+    output = model_output_options(trained.config, sample_kwargs.pop("variance", None))
+    settings = {**defaults, **sample_kwargs, **output}
     if settings["steps"] is None:
         settings["steps"] = trained.schedule.num_steps
     if settings["sampler"] != "ddim":
         del settings["eta"]
-    if settings["sampler"] != "ddpm":
+    if settings["sampler"] != "ddpm" and settings["variance"] != "learned":
         del settings["variance"]
     return settings
 

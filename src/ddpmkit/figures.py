@@ -5,7 +5,7 @@ reverse processes (matplotlib). Plain image grids are images.py's.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
         key: [(r["step"], r[key]) for r in records if r.get(key) is not None]
         for key in ("train_loss", "val_loss", "val_loss_ema", "fid", "fid_unconditional")
     }
-    panels = [("loss (MSE on the noise)", ["train_loss", "val_loss", "val_loss_ema"])]
+    panels = [("loss (the training objective; MSE on the noise by default)", ["train_loss", "val_loss", "val_loss_ema"])]
     if series["fid"]:
         panels.append(("FID (validation minibatches)", ["fid", "fid_unconditional"]))
     figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
@@ -225,3 +225,23 @@ def _save_figure(figure: Any, path: str | Path, settings: dict[str, Any] | None 
     figure.savefig(path, dpi=120, metadata=png_text(settings) if settings is not None else None)
     _pyplot().close(figure)
     return path
+
+
+# --- the likelihood bound ---------------------------------------------------------------------
+
+def plot_bound_terms(result: Mapping[str, Any], path: str | Path) -> Path:
+    """The bits per dimension each step contributes to the NLL bound (likelihood.model_nll's
+    result), as Improved DDPM's Figure 2: the decoder L_0 at t = 1, L_{t-1} at t = 2 .. T, on a
+    log scale; the prior L_T and the total in the title."""
+    plt = _pyplot()
+    steps = [1, *result["term_steps"]]
+    values = [result["decoder"], *result["terms"]]
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot(steps, values)
+    axis.set_yscale("log")
+    axis.set_xlabel("diffusion step t")
+    axis.set_ylabel("bits/dim of the step's term")
+    axis.grid(alpha=0.3)
+    axis.set_title(f"NLL bound {result['bits_per_dim']:.4f} bits/dim (prior {result['prior']:.2g}, "
+                   f"decoder {result['decoder']:.3f}), {result['num_images']} images", fontsize=9)
+    return _save_figure(figure, path)

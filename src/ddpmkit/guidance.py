@@ -1,10 +1,16 @@
 """The denoiser a sampler calls: classifier-free guidance (Ho & Salimans 2022) and
 classifier guidance (Dhariwal & Nichol 2021). Every guidance convention of ddpmkit is here.
 
-A *denoiser* is a function ``(x_t, t) -> eps``: the predicted noise at original step
-indices ``t`` (int64, shape (B,); see schedules.py for the index convention). Every
-sampler in samplers.py calls only a denoiser, never the model, so what a sampler sees
-does not depend on how the noise prediction was made. The one exception is ancestral
+A *denoiser* is a function ``(x_t, t) -> Denoised``: the predicted noise at original step
+indices ``t`` (int64, shape (B,); see schedules.py for the index convention), and, for a
+model that learns its variance, its variance values (eq. 15 of Improved DDPM, see
+schedules.interpolate_log_variance). Every sampler in samplers.py calls only a denoiser,
+never the model, so what a sampler sees does not depend on how the noise prediction was
+made. This is also the one place where a model's output is read (``make_denoiser``): a
+model that predicts x0 or v (``prediction``) has its output turned into eps here
+(schedules.py's conversions), and a learned-variance model's output is split into the
+prediction and the variance values (objectives.split_model_output). Everything after
+(guidance, clipping, every sampler, the callback) sees eps. The one exception is ancestral
 DDPM under classifier guidance, which shifts its mean instead (see below): which of the
 two a sampler gets is decided here, by ``ClassifierGuidance.apply``, not by the sampler.
 
@@ -19,7 +25,10 @@ Classifier-free guidance (eq. 6 of Ho & Salimans):
 
     eps~(x_t, y) = (1 + w) eps(x_t, y) - w eps(x_t, null)
 
-with guidance weight ``w = guidance_scale >= 0``. ``w = 0`` is plain conditional sampling
+with guidance weight ``w = guidance_scale >= 0``, combined in eps space: a model that
+predicts x0 or v has both of its predictions turned into eps first (the same as combining
+the x0s or vs: the conversions are affine in the prediction and eq. 6's weights sum to 1). A learned variance is
+the conditional prediction's (as GLIDE's sampling code takes it). ``w = 0`` is plain conditional sampling
 and is computed as exactly that (no unconditional pass at all). diffusers and the
 Stable Diffusion literature write the same combination as
 ``eps(null) + s (eps(y) - eps(null))``, so their ``guidance_scale`` s equals ``1 + w`` here:
@@ -77,18 +86,28 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 
-from .choices import DEFAULT_GUIDANCE_FORM, GUIDANCE_FORMS, GuidanceForm
+from .choices import DEFAULT_GUIDANCE_FORM, GUIDANCE_FORMS, PREDICTION_NAMES, GuidanceForm, PredictionName
 from .errors import ConfigError
+from .objectives import split_model_output
 from .schedules import NoiseSchedule, _gather
 from .unet import NO_LABEL
 from .validation import check_choice
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""(x_t, t) -> predicted eps, with t the int64 original step indices of shape (B,)."""
+
+class Denoised(NamedTuple):
+    """What a denoiser predicts at (x_t, t): the noise, and a learned-variance model's
+    variance values in [-1, 1] (None for a model with a fixed variance)."""
+
+    eps: torch.Tensor
+    variance_values: torch.Tensor | None
+
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], Denoised]
+"""(x_t, t) -> Denoised, with t the int64 original step indices of shape (B,)."""
 
 GradientField = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(x_t, t) -> s grad_{x_t} log p(y | x_t, t), the scaled classifier gradient."""
@@ -114,35 +133,51 @@ def make_denoiser(
     model: Callable[..., torch.Tensor],
     labels: torch.Tensor | None = None,
     guidance_scale: float = 0.0,
+    *,
+    schedule: NoiseSchedule,
+    prediction: PredictionName = "eps",
+    learned_variance: bool = False,
 ) -> Denoiser:
     """The denoiser for ``model``: unconditional, conditional on ``labels``, or guided.
 
     ``model`` is called as ``model(x_t, t)`` without labels and ``model(x_t, t, y)`` with
-    them; ``labels`` is an int64 tensor with one label per sample of the batch.
+    them; ``labels`` is an int64 tensor with one label per sample of the batch. Its output
+    is read as ``prediction`` (eps, x0 or v, converted to eps with ``schedule``, the one the
+    model was trained on) and, with ``learned_variance``, as twice the image's channels,
+    the second half the variance values.
     """
+    check_choice("prediction", prediction, PREDICTION_NAMES)
     if not guidance_scale >= 0:  # also rejects NaN
         raise ConfigError(f"guidance_scale must be >= 0, got {guidance_scale}")
+
+    def read(output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> Denoised:
+        predicted, variance_values = split_model_output(output, x_t.shape[1], learned_variance)
+        return Denoised(schedule.predict_eps(prediction, x_t, t, predicted), variance_values)
+
     if labels is None:
         if guidance_scale > 0:
             raise ConfigError("classifier-free guidance (guidance_scale > 0) needs labels and a conditional model")
-        return model
+        return lambda x_t, t: read(model(x_t, t), x_t, t)
     if guidance_scale == 0:
         # w = 0 in eq. 6 is the conditional prediction itself; skipping the unconditional
         # pass makes this exactly (bit for bit) plain conditional sampling.
-        return lambda x_t, t: model(x_t, t, labels)
-    return _classifier_free(model, labels, float(guidance_scale))
+        return lambda x_t, t: read(model(x_t, t, labels), x_t, t)
+    return _classifier_free(model, labels, float(guidance_scale), read)
 
 
-def _classifier_free(model: Callable[..., torch.Tensor], labels: torch.Tensor, weight: float) -> Denoiser:
+def _classifier_free(
+    model: Callable[..., torch.Tensor], labels: torch.Tensor, weight: float, read: Callable[..., Denoised]
+) -> Denoiser:
     null_label = getattr(model, "null_label", NO_LABEL)
     if null_label is None:
         raise ConfigError("classifier-free guidance needs a conditional model; this one has no label embedding")
     # Built once per sampling run: the first half keeps the labels, the second is "no label".
     both_labels = torch.cat([labels, torch.full_like(labels, null_label)])
 
-    def guided(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        eps_conditional, eps_unconditional = model(torch.cat([x_t, x_t]), torch.cat([t, t]), both_labels).chunk(2)
-        return (1.0 + weight) * eps_conditional - weight * eps_unconditional  # eq. 6
+    def guided(x_t: torch.Tensor, t: torch.Tensor) -> Denoised:
+        output_conditional, output_unconditional = model(torch.cat([x_t, x_t]), torch.cat([t, t]), both_labels).chunk(2)
+        conditional, unconditional = read(output_conditional, x_t, t), read(output_unconditional, x_t, t)
+        return conditional._replace(eps=(1.0 + weight) * conditional.eps - weight * unconditional.eps)  # eq. 6
 
     return guided
 
@@ -175,12 +210,14 @@ class ClassifierGuidance:
 
     def guide(self, denoiser: Denoiser, schedule: NoiseSchedule) -> Denoiser:
         """The denoiser of eps^ = eps - sqrt(1 - abar_t) s g, or eps' = eps - s g ("poster")."""
-        if self.form == "poster":
-            return lambda x_t, t: denoiser(x_t, t) - self.scaled_gradient(x_t, t)
         noise_scales = (1.0 - schedule.alpha_bars).sqrt()  # of the original schedule: t is an original index
 
-        def guided(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return denoiser(x_t, t) - _gather(noise_scales, t, x_t) * self.scaled_gradient(x_t, t)
+        def guided(x_t: torch.Tensor, t: torch.Tensor) -> Denoised:
+            denoised = denoiser(x_t, t)
+            gradient = self.scaled_gradient(x_t, t)
+            if self.form == "guided-diffusion":
+                gradient = _gather(noise_scales, t, x_t) * gradient
+            return denoised._replace(eps=denoised.eps - gradient)
 
         return guided
 

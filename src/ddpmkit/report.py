@@ -12,8 +12,10 @@ guidance sweeps; then each run's figures, its full configuration folded below th
 
 What is found under RUNS_DIR (recursively):
 
-* ``ablation.json`` (``ddpm ablation``): the poster's table, rows Train-FID and Test-FID,
-  columns the four combinations, then the precision, recall and times of every row;
+* ``ablation.json`` (``ddpm ablation``): the grid's table, rows Train-FID and Test-FID (and
+  the NLL where measured), one column per cell (for the poster's schedule x attention grid
+  its four combinations in the poster's order), then the precision, recall and times of
+  every row;
 * run directories (``config.json`` and ``metrics.jsonl``): the configuration, the latest
   checkpoint's provenance, the FID provenance of its ablation row, and its figures;
 * ``ddpm fid`` results (a JSON file with "splits" and "settings") and guidance sweeps
@@ -36,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .ablation import ABLATION_FILE, Combination, read_ablation
+from .ablation import ABLATION_FILE, POSTER_GRID, grid_cells, read_ablation
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .errors import DdpmError
 from .io import write_text
@@ -45,7 +47,7 @@ REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
 SWEEP_FILE = "guidance-sweep.json"
 # The poster's column order: linear then cosine, each with attention then without.
-POSTER_COLUMNS = (Combination("linear", "on"), Combination("linear", "off"), Combination("cosine", "on"), Combination("cosine", "off"))
+POSTER_COLUMNS = tuple(grid_cells(POSTER_GRID))
 _EPOCH_GRID = re.compile(r"^epoch-(\d+)\.png$")
 # What a figure shows, by file name (first match); every caption also gives the path.
 # Epoch grids are numbered from 0: epoch-000.png is the grid after the first epoch.
@@ -56,6 +58,7 @@ _DESCRIPTIONS = (
     (re.compile(r"^fid_vs_nfe\.png$"), "FID against the number of model evaluations"),
     (re.compile(r"^guidance-samples\.png$"), "samples at each guidance scale"),
     (re.compile(r".*sweep.*\.png$"), "guidance trade-off"),
+    (re.compile(r"^nll.*\.png$"), "NLL bound: the bits/dim of each step's term"),
     (re.compile(r"^samples.*\.png$"), "samples"),
 )
 _STYLE = """
@@ -224,24 +227,45 @@ def _run_name(report: Report, run: RunSummary) -> str:
 # --- tables -----------------------------------------------------------------------------------
 
 def poster_table(table: Mapping[str, Any]) -> list[list[str]]:
-    """The poster's layout: a header row, then Train-FID and Test-FID over the four combinations."""
+    """The poster's layout: a header row, then Train-FID and Test-FID (mean +- sd over sampling
+    seeds, where there are several) and the NLL where measured, over the cells: for the
+    poster's grid its four combinations in its order ("-" for one not run), else every row."""
     rows = {row["name"]: row for row in table["rows"]}
-    header = [""] + [f"{cell.schedule} / {'attention' if cell.attention == 'on' else 'none'}" for cell in POSTER_COLUMNS]
-    body = [
-        [label] + [_number(rows[cell.name][key]) if cell.name in rows else "-" for cell in POSTER_COLUMNS]
-        for label, key in (("Train-FID", "train_fid"), ("Test-FID", "test_fid"))
-    ]
+    poster = all(set(row["settings"]) == set(POSTER_GRID) for row in table["rows"])
+    if poster:
+        names = [cell.name for cell in POSTER_COLUMNS]
+        header = [""] + [f"{cell.settings[0][1]} / {'attention' if cell.settings[1][1] == 'on' else 'none'}" for cell in POSTER_COLUMNS]
+    else:
+        names = list(rows)
+        header = [""] + [", ".join(f"{key} {value}" for key, value in rows[name]["settings"].items()) for name in names]
+    measures = [("Train-FID", "train_fid"), ("Test-FID", "test_fid")]
+    measures += [(f"{split.capitalize()}-NLL (bits/dim)", f"{split}_nll") for split in ("train", "test")
+                 if any(f"{split}_nll" in row for row in rows.values())]
+    body = [[label] + [_measure(rows.get(name), key) for name in names] for label, key in measures]
     return [header, *body]
 
 
+def _measure(row: Mapping[str, Any] | None, key: str) -> str:
+    """A row's value of ``key``, with "+- sd" where the row has a spread for it; "-" if none."""
+    if row is None or row.get(key) is None:
+        return "-"
+    if key.endswith("_nll"):
+        return f"{row[key]:.4f} +- {row['nll'][key[:-4]]['standard_error']:.4f}"
+    spread = row.get(f"{key}_sd")
+    return _number(row[key]) + ("" if spread is None else f" +- {_number(spread)}")
+
+
 def details_table(table: Mapping[str, Any]) -> list[list[str]]:
-    """Every row of an ablation with precision, recall, training step and times."""
+    """Every row of an ablation with precision, recall (means over the sampling seeds), the seeds,
+    training step and times."""
     header = ["run", "train FID", "test FID", "train precision", "train recall", "test precision", "test recall",
-              "step", "train s", "FID s"]
+              "FID seeds", "step", "train s", "FID s", "NLL s"]
     body = [
         [row["name"], _number(row["train_fid"]), _number(row["test_fid"]),
          *(_number(row["scores"][split][key]) for split in ("train", "test") for key in ("precision", "recall")),
-         str(row["step"]), _number(row["train_seconds"], 0), _number(row["eval_seconds"], 0)]
+         ",".join(str(seed["seed"]) for seed in row["seeds"]) if "seeds" in row else "-",
+         str(row["step"]), _number(row["train_seconds"], 0), _number(row["eval_seconds"], 0),
+         _number(sum(nll["wall_seconds"] for nll in row["nll"].values()), 0) if row.get("nll") else "-"]
         for row in table["rows"]
     ]
     return [header, *body]

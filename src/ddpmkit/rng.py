@@ -22,6 +22,7 @@ class TrainingStream(IntEnum):
     VALIDATION = 3  # the fixed timesteps and noise of the validation loss
     PREVIEW = 4  # the per-epoch sample grid
     FID = 5  # the per-epoch FID samples
+    FLIP = 6  # + step: the horizontal flips of one optimizer step (random_flip)
 
 
 class ClassifierStream(IntEnum):
@@ -31,6 +32,13 @@ class ClassifierStream(IntEnum):
     NOISE = 2  # timesteps and noise of the noisy classifier's training images
     TEST_STEPS = 3  # the uniform timesteps of its test accuracy
     TEST_NOISE = 4  # the noise of noised test images
+
+
+class LikelihoodStream(IntEnum):
+    """Streams of the NLL evaluation (likelihood.py)."""
+
+    SUBSET = 1  # which images of a split are evaluated, when not all
+    NOISE = 2  # + batch: the noise of x_t at every step, for one batch of images
 
 
 def seeded_generator(*keys: int) -> torch.Generator:

@@ -1,7 +1,8 @@
 """Samplers: ancestral DDPM, DDIM and DPM-Solver++(2M) (ODE and SDE), behind one entry point ``sample``.
 
 Each sampler is a short function over ``(denoiser, x, timesteps)`` in the style of
-k-diffusion: ``denoiser(x_t, t)`` predicts the noise (guidance.py builds it from a model),
+k-diffusion: ``denoiser(x_t, t)`` predicts the noise (guidance.py builds it from a model,
+and turns a model's x0 or v prediction into eps there, once, for every sampler),
 ``x`` is the initial noise x_T and ``timesteps`` the steps to visit with their
 precomputed coefficients. Conventions shared by all of them:
 
@@ -31,6 +32,11 @@ precomputed coefficients. Conventions shared by all of them:
   predicted x0, clipped if clipping is on; guided, except by ancestral DDPM's mean shift,
   which leaves x0 as predicted).
 * Guidance (classifier-free and classifier) and its conventions: guidance.py.
+* A learned variance (``variance="learned"``, Improved DDPM): the model outputs the
+  variance values of eq. 15 besides its prediction, and ancestral DDPM interpolates
+  between the respaced schedule's log beta and clipped log beta-tilde at the visited steps
+  (their section 4). DDIM and DPM-Solver++ (ODE and SDE) have their own variances and
+  ignore it: they use the prediction only.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from .choices import (
     SPACING_NAMES,
     VARIANCE_NAMES,
     GuidanceForm,
+    PredictionName,
     SamplerName,
     SpacingName,
     VarianceName,
@@ -58,7 +65,7 @@ from .choices import (
 from .errors import ConfigError
 from .guidance import Denoiser, GradientField, labels_for_model, make_classifier_guidance, make_denoiser
 from .rng import seeded_generator
-from .schedules import NoiseSchedule
+from .schedules import NoiseSchedule, interpolate_log_variance
 from .unet import NO_LABEL
 from .validation import check_choice
 
@@ -167,16 +174,17 @@ def _predict(
     i: int,
     clip_denoised: bool,
     callback: Callback | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(eps, x0) predicted at visit step i, as p_mean_variance does; reports the step to callback."""
-    eps = denoiser(x, timesteps.model_t[i])
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(eps, x0, variance values) predicted at visit step i, as p_mean_variance does; reports
+    the step to callback."""
+    eps, variance_values = denoiser(x, timesteps.model_t[i])
     x0 = timesteps.x0_from_x[i] * x + timesteps.x0_from_eps[i] * eps
     if clip_denoised:
         x0 = x0.clamp(-1.0, 1.0)
         eps = timesteps.eps_from_x[i] * x + timesteps.eps_from_x0[i] * x0  # consistent with the clipped x0
     if callback is not None:
         callback({"i": i, "t": timesteps.indices[i], "x_t": x, "x0_pred": x0})
-    return eps, x0
+    return eps, x0, variance_values
 
 
 def _standard_normal(
@@ -205,7 +213,9 @@ def sample_ddpm(
     The mean is that of q(x_{t-1} | x_t, x0) at the predicted x0 (eqs. 6-7); without
     clipping this is Algorithm 2's 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps).
     sigma_t^2 is beta_t ("beta", Ho et al.'s CIFAR-10 choice) or beta-tilde_t
-    ("posterior", eq. 7); section 3.2 found both to give similar results.
+    ("posterior", eq. 7); section 3.2 found both to give similar results. "learned" takes
+    the model's: exp of interpolate_log_variance between the respaced schedule's log beta_t
+    and clipped log beta-tilde_t (Improved DDPM eq. 15 and section 4).
     With ``mean_shift`` (s g of classifier guidance, evaluated at x_t) the mean becomes
     mu + sigma_t^2 s g, Algorithm 1 of Dhariwal & Nichol 2021 (see guidance.py).
     """
@@ -215,15 +225,21 @@ def sample_ddpm(
     mean_from_x0, mean_from_x = timesteps.coefficients(mean_from_x0), timesteps.coefficients(mean_from_x)
     variances = schedule.betas if variance == "beta" else schedule.posterior_variances
     sigmas, sigmas_squared = timesteps.coefficients(variances.sqrt()), timesteps.coefficients(variances)
+    log_betas = timesteps.coefficients(schedule.betas.log())
+    log_posterior_variances = timesteps.coefficients(schedule.clipped_log_posterior_variances)
     last = len(timesteps.indices) - 1
     for i in range(last + 1):
-        _, x0 = _predict(denoiser, x, timesteps, i, clip_denoised, callback)
+        _, x0, variance_values = _predict(denoiser, x, timesteps, i, clip_denoised, callback)
+        sigma, sigma_squared = sigmas[i], sigmas_squared[i]
+        if variance == "learned":
+            log_variance = interpolate_log_variance(variance_values, log_betas[i], log_posterior_variances[i])
+            sigma, sigma_squared = (0.5 * log_variance).exp(), log_variance.exp()
         x_t = x
         x = mean_from_x0[i] * x0 + mean_from_x[i] * x_t
         if mean_shift is not None:  # Dhariwal & Nichol, Algorithm 1: mu + s Sigma grad log p(y | x_t)
-            x = x + sigmas_squared[i] * mean_shift(x_t, timesteps.model_t[i])
+            x = x + sigma_squared * mean_shift(x_t, timesteps.model_t[i])
         if i < last:  # Algorithm 2: z = 0 at t = 1, the step to x0
-            x = x + sigmas[i] * _standard_normal(x.shape, generator, x.dtype, x.device)
+            x = x + sigma * _standard_normal(x.shape, generator, x.dtype, x.device)
     return x
 
 
@@ -252,7 +268,7 @@ def sample_ddim(
     sigmas = timesteps.coefficients(variances.sqrt())
     last = len(timesteps.indices) - 1
     for i in range(last + 1):
-        eps, x0 = _predict(denoiser, x, timesteps, i, clip_denoised, callback)
+        eps, x0, _ = _predict(denoiser, x, timesteps, i, clip_denoised, callback)
         x = x0_scale[i] * x0 + direction[i] * eps
         if eta > 0 and i < last:
             x = x + sigmas[i] * _standard_normal(x.shape, generator, x.dtype, x.device)
@@ -324,7 +340,7 @@ def sample_dpm_solver_pp(
     previous_x0 = None
     last = len(timesteps.indices) - 1
     for i in range(last + 1):
-        _, x0 = _predict(denoiser, x, timesteps, i, clip_denoised, callback)
+        _, x0, _ = _predict(denoiser, x, timesteps, i, clip_denoised, callback)
         data = x0 if previous_x0 is None else x0 + half_inverse_r[i] * (x0 - previous_x0)
         x = x_scale[i] * x + data_scale[i] * data
         if stochastic and i < last:  # sigma_next = 0 on the last step
@@ -359,6 +375,7 @@ def sample(
     steps: int | None = None,
     eta: float = 0.0,
     variance: VarianceName = "beta",
+    prediction: PredictionName = "eps",
     labels: torch.Tensor | None = None,
     guidance_scale: float = 0.0,
     classifier: Callable[..., torch.Tensor] | None = None,
@@ -374,10 +391,13 @@ def sample(
     """Samples x_0 of ``shape`` (B, C, H, W) from ``model``, in the model's data range.
 
     ``model(x_t, t)`` (or ``model(x_t, t, y)`` with ``labels``) predicts the noise, t being
-    int64 original indices (B,). ``steps`` model evaluations (default: all num_steps) at
-    indices chosen by ``spacing``. ``eta`` is DDIM's noise scale, in [0, 1], for
-    sampler="ddim" only; ``variance`` is ancestral DDPM's sigma_t^2, for sampler="ddpm"
-    only (another value than the default with another sampler is refused, as eta is). ``labels`` are the classes to generate: a conditional model gets them, an
+    int64 original indices (B,), or x0 or v with ``prediction`` "x0" or "v" (a loaded model
+    passes its own: config.model_output_options). ``steps`` model evaluations (default: all
+    num_steps) at indices chosen by ``spacing``. ``eta`` is DDIM's noise scale, in [0, 1], for
+    sampler="ddim" only; ``variance`` is ancestral DDPM's sigma_t^2: "beta", "posterior", or
+    "learned" for a model that learns it, whose output then has twice the image's channels
+    (the other samplers ignore the variance, and use that model's prediction only; another
+    value than the default with them is refused, as eta is). ``labels`` are the classes to generate: a conditional model gets them, an
     unconditional one does not (then they are the classifier's targets only).
     ``guidance_scale`` is classifier-free guidance's w; ``classifier``, ``classifier_scale``
     (s) and ``guidance_form`` are classifier guidance's, which needs ``labels``. Both kinds
@@ -392,7 +412,7 @@ def sample(
         raise ConfigError(f"eta must be in [0, 1], got {eta}")
     if eta > 0 and sampler != "ddim":
         raise ConfigError(f"eta applies to sampler 'ddim' only, not {sampler!r}")
-    if variance != "beta" and sampler != "ddpm":
+    if variance == "posterior" and sampler != "ddpm":  # "learned" says how to read the model's output: every sampler needs it
         raise ConfigError(f"variance applies to sampler 'ddpm' (ancestral) only, not {sampler!r}")
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ConfigError(f"dtype must be a floating-point torch dtype, got {dtype!r}")
@@ -405,7 +425,8 @@ def sample(
     classifier_guidance = make_classifier_guidance(classifier, labels, classifier_scale, guidance_form)
     arithmetic = torch.promote_types(dtype, torch.float32)
     denoiser = make_denoiser(
-        _in_precision(model, dtype, arithmetic), labels_for_model(model, labels, classifier is not None), guidance_scale
+        _in_precision(model, dtype, arithmetic), labels_for_model(model, labels, classifier is not None), guidance_scale,
+        schedule=schedule, prediction=prediction, learned_variance=variance == "learned",
     )
     mean_shift = None
     if classifier_guidance is not None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .choices import SCHEDULE_NAMES, ScheduleName
+from .choices import PREDICTION_NAMES, SCHEDULE_NAMES, PredictionName, ScheduleName
 from .errors import ConfigError
 from .validation import check_choice
 
@@ -81,6 +81,11 @@ class NoiseSchedule:
         """beta-tilde_t = (1 - abar_{t-1}) / (1 - abar_t) * beta_t (eq. 7); 0 at t = 1."""
         return (1.0 - self.alpha_bars_prev) / (1.0 - self.alpha_bars) * self.betas
 
+    @cached_property
+    def signal_to_noise(self) -> torch.Tensor:
+        """SNR_t = abar_t / (1 - abar_t), the signal-to-noise ratio of x_t (Kingma et al. 2021)."""
+        return self.alpha_bars / (1.0 - self.alpha_bars)
+
     # --- forward process -------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (eq. 4, reparameterised)."""
@@ -119,6 +124,56 @@ class NoiseSchedule:
             _gather((1.0 / alpha_bars).sqrt(), t, x_t) * x_t - x0
         ) / _gather((1.0 / alpha_bars - 1.0).sqrt(), t, x_t)
 
+    # --- what the network predicts: eps, x0 or v (Salimans & Ho 2022) ------------------
+    def velocity(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans & Ho 2022, section 4), for
+        x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; v is the target of prediction "v"."""
+        alpha_bars = self.alpha_bars
+        return (
+            _gather(alpha_bars.sqrt(), t, x0) * noise
+            - _gather((1.0 - alpha_bars).sqrt(), t, x0) * x0
+        )
+
+    def predict_eps_from_v(
+        self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t: the definition of v and eq. 4, solved
+        for eps with abar_t + (1 - abar_t) = 1."""
+        alpha_bars = self.alpha_bars
+        return (
+            _gather(alpha_bars.sqrt(), t, x_t) * v
+            + _gather((1.0 - alpha_bars).sqrt(), t, x_t) * x_t
+        )
+
+    def predict_eps(
+        self, prediction: PredictionName, x_t: torch.Tensor, t: torch.Tensor, output: torch.Tensor
+    ) -> torch.Tensor:
+        """The noise a network's ``output`` stands for, read as ``prediction``: eps itself,
+        x0 (``predict_eps_from_x0``) or v (``predict_eps_from_v``)."""
+        check_choice("prediction", prediction, PREDICTION_NAMES)
+        if prediction == "eps":
+            return output
+        if prediction == "x0":
+            return self.predict_eps_from_x0(x_t, t, output)
+        return self.predict_eps_from_v(x_t, t, output)
+
+    # --- the reverse process's variance ----------------------------------------------------
+    @cached_property
+    def clipped_log_posterior_variances(self) -> torch.Tensor:
+        """log beta-tilde_t, with beta-tilde_1 = 0 replaced by beta-tilde_2 (improved-diffusion's
+        "posterior_log_variance_clipped"); by beta_1 for a one-step schedule, which has no
+        beta-tilde_2."""
+        variances = self.posterior_variances.clone()
+        variances[0] = variances[1] if self.num_steps > 1 else self.betas[0]
+        return variances.log()
+
+    def learned_log_variance(self, values: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """log Sigma_theta(x_t, t) of a network's variance output ``values`` at indices t
+        (interpolate_log_variance between this schedule's log beta_t and clipped log beta-tilde_t)."""
+        return interpolate_log_variance(
+            values, _gather(self.betas.log(), t, values), _gather(self.clipped_log_posterior_variances, t, values)
+        )
+
     def respace(self, indices: torch.Tensor | list[int]) -> NoiseSchedule:
         """The schedule on an increasing subsequence of step indices.
 
@@ -130,6 +185,14 @@ class NoiseSchedule:
         kept = self.alpha_bars[indices]
         prev = torch.cat([torch.ones(1, dtype=torch.float64), kept[:-1]])
         return NoiseSchedule(1.0 - kept / prev, name=f"{self.name}-respaced")
+
+
+def interpolate_log_variance(values: torch.Tensor, log_beta: torch.Tensor, log_beta_tilde: torch.Tensor) -> torch.Tensor:
+    """log Sigma = w log beta_t + (1 - w) log beta-tilde_t, w = (values + 1) / 2 (Improved DDPM
+    eq. 15, with the network's output mapped from [-1, 1] to [0, 1] as in their code):
+    values = 1 gives sigma^2 = beta_t, values = -1 gives beta-tilde_t (clipped at t = 1)."""
+    weight = (values + 1.0) / 2.0
+    return weight * log_beta + (1.0 - weight) * log_beta_tilde
 
 
 def linear_schedule(num_steps: int = 1000, beta_start: float | None = None, beta_end: float | None = None) -> NoiseSchedule:

@@ -38,6 +38,7 @@ import torch
 from .checkpoint import load_trained_model
 from .choices import DEFAULT_GUIDANCE_FORM, SWEEP_KINDS, FeatureKind, GuidanceForm, SamplerName, SweepKind
 from .classifier import classifier_provenance, find_classifier, load_classifier, load_guiding_classifier
+from .config import model_output_options
 from .data import load_dataset
 from .errors import ConfigError
 from .fid import FeatureExtractor, Reference, compare, fid_settings, load_extractor, reference_features, small_sample_warnings
@@ -183,6 +184,7 @@ def sweep_run(
     """
     trained = load_trained_model(run, ema=ema, device=device, compile=compile, cpu_workers=cpu_workers)
     config = trained.config
+    sample_kwargs = {**sample_kwargs, **model_output_options(config, sample_kwargs.pop("variance", None))}
     guide = guide_path = None
     if kind == "classifier":
         guide, guide_path, guide_meta = load_guiding_classifier(

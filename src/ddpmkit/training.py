@@ -23,6 +23,7 @@ import importlib.util
 import json
 import math
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -46,7 +47,7 @@ from .checkpoint import (
     step_checkpoint_path,
 )
 from .classifier import find_classifier
-from .config import TrainConfig, config_from_dict, differences_from_defaults
+from .config import TrainConfig, config_from_dict, differences_from_defaults, model_output_options
 from .data import DatasetInfo, ImageDataset, dataset_info, load_dataset
 from .errors import CheckpointError, ConfigError, DdpmError, TrainingError
 from .fid import FeatureExtractor, classifier_extractor, minibatch_fid, small_sample_warnings
@@ -108,7 +109,24 @@ def model_config_for(config: TrainConfig, channels: int, num_classes: int) -> UN
         attention_levels=config.attention_levels,
         num_classes=num_classes if config.conditional else None,
         dropout=config.dropout,
+        out_channels=2 * channels if config.learn_variance else None,  # the prediction, then the variance values
     )
+
+
+def objective_options(config: TrainConfig) -> dict[str, Any]:
+    """The keywords of objectives.ddpm_loss that ``config`` chooses: its training objective."""
+    return {
+        "prediction": config.prediction, "learn_variance": config.learn_variance,
+        "loss_weighting": config.loss_weighting, "min_snr_gamma": config.min_snr_gamma,
+    }
+
+
+def warmup_learning_rate(lr: float, warmup_steps: int, step: int) -> float:
+    """The learning rate of optimizer step ``step`` (1, 2, ...): lr step / warmup_steps during a
+    linear warm-up (Ho et al.'s CIFAR-10 run: 5000 steps), lr from step warmup_steps on, and
+    throughout with warmup_steps = 0. A function of the step alone, so a resumed run gets
+    the same learning rates."""
+    return lr * min(1.0, step / warmup_steps) if warmup_steps else lr
 
 
 def resolve_resume_config(run_dir: Path, changes: dict[str, Any]) -> TrainConfig:
@@ -230,6 +248,9 @@ def _set_up(config: TrainConfig, run_dir: Path, resume: bool, progress: bool) ->
     info = dataset_info(config.dataset, data_dir=config.data_dir, image_size=config.image_size, channels=config.channels)
     model_config = model_config_for(config, info.channels, info.num_classes)
     UNet.check_input_size(model_config, info.image_size, info.channels)
+    if config.random_flip and not info.flip_invariant:
+        print(f"ddpmkit: warning: random_flip on {info.name}: a flipped image of it is not one of its images "
+              "(a mirrored digit is no digit); Ho et al. flip CIFAR-10", file=sys.stderr)
     if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("--tensorboard needs the tensorboard package: pip install 'ddpmkit[tensorboard]'")
     on_cpu = resolve_device(config.device) == "cpu"
@@ -353,7 +374,8 @@ def _train_epoch(run: _Run, tensorboard: Any) -> None:
             mean_loss, speed = run.window.flush(run.accelerator)
             run.train_loss = mean_loss
             run.bar.set_postfix(epoch=position.epoch + 1, loss=f"{mean_loss:.4f}", img_s=f"{speed:.0f}")
-            record = {"step": step, "epoch": position.epoch, "train_loss": mean_loss, "lr": config.lr, "images_per_s": speed}
+            lr = run.optimizer.param_groups[0]["lr"]  # the step's, as the optimizer used it (warm-up)
+            record = {"step": step, "epoch": position.epoch, "train_loss": mean_loss, "lr": lr, "images_per_s": speed}
             _log(run.main, run.run_dir, record, tensorboard)
         if run.stop.check(run.accelerator):
             return
@@ -479,6 +501,8 @@ def _optimizer_step(
     global_batch = batch_indices.numel()
     timesteps, noise = draw_timesteps_and_noise(schedule, (global_batch, *images.shape[1:]), generator)
     drop_label = torch.rand(global_batch, generator=generator) < config.label_dropout
+    # From a stream of its own, so that a run without flips draws exactly what it did before they existed.
+    flip = torch.rand(global_batch, generator=seeded_generator(config.seed, TrainingStream.FLIP, step)) < 0.5 if config.random_flip else None
     device = accelerator.device
     total = torch.zeros((), device=device)
     for micro in range(config.grad_accum):
@@ -486,20 +510,25 @@ def _optimizer_step(
         start = (micro * accelerator.num_processes + accelerator.process_index) * micro_batch
         part = slice(start, start + micro_batch)
         x0 = to_model_range(images[batch_indices[part]])
+        if flip is not None:
+            x0 = torch.where(flip[part].to(device).reshape(-1, 1, 1, 1), x0.flip(-1), x0)
         t = timesteps[part].to(device)
         eps = noise[part].to(device)
         y = None
         if config.conditional:
             y = labels[batch_indices[part]].clone()
             y[drop_label[part].to(device)] = NO_LABEL
-        # Algorithm 1's MSE over the micro batch, as a sum over rows so that the worker
+        # The objective over the micro batch, as a sum over rows so that the worker
         # threads' slices (batch_threads.py) add up to it; / grad_accum averages the micro
         # batches.
         scale = 1.0 / (eps.numel() * config.grad_accum)
 
         def slice_loss(rows: slice) -> torch.Tensor:  # called within this iteration only
             labels_of_rows = None if y is None else y[rows]
-            return ddpm_loss(_autocast(accelerator, model), schedule, x0[rows], t[rows], eps[rows], labels_of_rows, reduction="sum") * scale
+            return ddpm_loss(
+                _autocast(accelerator, model), schedule, x0[rows], t[rows], eps[rows], labels_of_rows, reduction="sum",
+                **objective_options(config),
+            ) * scale
 
         if workers > 1:
             total += backward_in_slices(slice_loss, micro_batch, model.parameters(), workers)
@@ -516,6 +545,9 @@ def _optimizer_step(
             "stopped without saving this step: the last checkpoint and metrics are intact. "
             "Lower --lr or use --grad-clip"
         )
+    if config.warmup_steps:
+        for group in optimizer.param_groups:
+            group["lr"] = warmup_learning_rate(config.lr, config.warmup_steps, step)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if accelerator.optimizer_step_was_skipped or not finite:
@@ -559,7 +591,8 @@ def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step
 
 @torch.no_grad()
 def validation_loss(accelerator: Any, model: torch.nn.Module, schedule: NoiseSchedule, dataset: ImageDataset, config: TrainConfig) -> float:
-    """Mean noise-prediction MSE (ddpm_loss) on the validation split, with fixed (seeded) t and noise.
+    """The training objective (ddpm_loss with the config's objective_options; the noise-prediction
+    MSE by default) on the validation split, averaged per element, with fixed (seeded) t and noise.
 
     The same draws every epoch make the curve comparable across epochs; the split is
     shared out across processes and the sums reduced.
@@ -576,7 +609,7 @@ def validation_loss(accelerator: Any, model: torch.nn.Module, schedule: NoiseSch
         x0 = to_model_range(dataset.images[part].to(device))
         t, eps = timesteps[part].to(device), noise[part].to(device)
         y = dataset.labels[part].to(device) if config.conditional else None
-        total += ddpm_loss(_autocast(accelerator, model), schedule, x0, t, eps, y, reduction="sum")
+        total += ddpm_loss(_autocast(accelerator, model), schedule, x0, t, eps, y, reduction="sum", **objective_options(config))
     model.train(was_training)
     total = accelerator.reduce(total, "sum")
     return float(total) / (count * math.prod(dataset.images.shape[1:]))
@@ -609,6 +642,7 @@ def _preview_samples(
     return sample(
         ema, schedule, (count, info.channels, info.image_size, info.image_size), sampler=config.preview_sampler,
         steps=config.preview_steps, labels=labels, generator=seeded_generator(config.seed, TrainingStream.PREVIEW), device=device,
+        **model_output_options(config),
     )
 
 
@@ -643,7 +677,7 @@ def _epoch_fid(
     return minibatch_fid(
         ema, schedule, val_set, extractor, num_images=config.fid_batches * config.batch_size, batch_size=config.batch_size,
         seed=seeded_generator(config.seed, TrainingStream.FID).initial_seed(), labelled=labelled,
-        sampler=config.preview_sampler, steps=config.preview_steps, device=device,
+        sampler=config.preview_sampler, steps=config.preview_steps, device=device, **model_output_options(config),
     )
 
 
