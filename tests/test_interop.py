@@ -510,5 +510,6 @@ def test_reproduce_benchmark_quick_runs_end_to_end_on_an_imported_model(tmp_path
     assert rows == {("ddpm", 20), ("ddim", 2), ("ddim", 4), ("dpm-solver++", 2), ("dpm-solver++", 4)}
     assert summary["rows"][0]["variance"] == "posterior"  # the ancestral row samples as the imported scheduler
     assert all(row["fid"] > 0 for row in summary["rows"]) and summary["num"] == 16
-    assert summary["bits_per_dim"] is None and "no `ddpm nll`" in summary["bits_per_dim_note"]
+    assert summary["bits_per_dim"] > 0 and summary["nll"]["num_images"] == 4
+    assert summary["nll"]["settings"]["variance"] == "posterior"  # the bound with the imported scheduler's variance
     assert summary["published"]["fid_train"] == 3.17 and summary["extractor"].startswith("classifier:")
