@@ -199,3 +199,29 @@ def test_a_grid_with_two_sampling_seeds_and_the_nll(folder_dataset, tmp_path, mo
     monkeypatch.setattr("ddpmkit.likelihood.bound_terms", lambda *a, **k: pytest.fail("evaluated again"))
     [again] = run_ablation(base, tmp_path / "grid", **kwargs)
     assert again["test_nll"] == row["test_nll"] and again["test_fid"] == row["test_fid"]
+
+
+def test_the_objectives_benchmark_groups_rows_by_objective_over_training_seeds():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "objectives_grid.py"
+    spec = importlib.util.spec_from_file_location("objectives_grid", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def row(seed, fid, **settings):
+        return {"settings": {**settings, "seed": seed}, "config": {"seed": seed}, "test_fid": fid, "train_fid": fid + 1,
+                "test_nll": 2.0 + seed, "train_seconds": 100.0 + seed, "step": 800}
+
+    rows = [row(0, 30.0, prediction="eps", loss_weighting="none"), row(0, 20.0, prediction="v", loss_weighting="min-snr"),
+            row(0, 25.0, learn_variance=True), row(1, 34.0, prediction="eps", loss_weighting="none"),
+            row(1, 26.0, learn_variance=True)]
+    summary = module.summarise(rows)
+    assert list(summary) == ["eps, none", "v, min-snr", "learned variance (hybrid)"]
+    assert summary["eps, none"]["test_fid"] == [30.0, 34.0] and summary["eps, none"]["seed"] == [0, 1]
+    assert summary["learned variance (hybrid)"]["test_nll"] == [2.0, 3.0]
+    table = module.markdown_table(summary).splitlines()
+    # The mean and sample standard deviation over seeds: 32 and 2.83 for 30 and 34.
+    assert table[2].startswith("| eps, none | 32.0 ± 2.8 | 30.0 / 34.0 | 33.0 ± 2.8 | 2.50 ± 0.71 | 100 (100-101) | 800 |")
+    assert table[3].startswith("| v, min-snr | 20.0 | 20.0 |")

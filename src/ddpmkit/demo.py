@@ -1,9 +1,8 @@
 """``ddpm demo``: a small model trained on mnist-5k in minutes on a CPU, then a sample grid.
 
 The settings differ from the poster's (a smaller UNet, a larger learning rate, 800 steps,
-100 ancestral sampling steps) so that digits appear within the few minutes a demo may take
-on 2 cores;
-the poster's own settings are in configs/.
+min-SNR-5 loss weighting, 100 ancestral sampling steps) so that digits appear within the few
+minutes a demo may take on 2 cores; the poster's own settings are in configs/.
 """
 
 from __future__ import annotations
@@ -31,6 +30,9 @@ DEMO_CONFIG = TrainConfig(
     epochs=100,
     max_steps=800,
     ema_decay=0.995,
+    # At these 800 steps min-SNR-5 beat the plain MSE on FID for every training seed, and its
+    # digits read better (README, "Objectives").
+    loss_weighting="min-snr",
     checkpoint_every=400,
     preview_images=0,
     fid_batches=0,
