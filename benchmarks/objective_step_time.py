@@ -3,7 +3,7 @@
 The objectives grid gives every cell the same number of optimizer steps; this says how much
 wall-clock time a step of each objective costs, so that "the same steps" can be read as "the
 same budget". One optimizer step as training does it on a CPU (the batch of 64 split over
-one worker thread per core, fused Adam), measured *interleaved*: each repeat times every
+one worker thread per core, fused Adam; without the gradient clipping, which costs every objective alike), measured *interleaved*: each repeat times every
 objective in turn, so that load from other programs slows all of them alike; prints the
 median seconds per step and the ratio to eps + MSE.
 
